@@ -1,0 +1,31 @@
+"""Shared pytest configuration: `slow` tests run with --runslow (or UNIFIEDEDIT_SLOW=1); `gpu` tests run when CUDA exists."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("UNIFIEDEDIT_SLOW") == "1"
+    has_gpu = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow or UNIFIEDEDIT_SLOW=1"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device on this machine"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; tests that need it skip (with the reason) on machines where it does not exist."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} not present on this machine")
+    return SHARED_DATA
