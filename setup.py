@@ -26,6 +26,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 dev_requirements = shlex.split(cfg.get('dev_requirements') or '')
 demo_requirements = shlex.split(cfg.get('demo_requirements') or '')
+docs_requirements = shlex.split(cfg.get('docs_requirements') or '')
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -40,7 +41,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements + demo_requirements, 'demo': demo_requirements},
+    extras_require={'dev': dev_requirements + demo_requirements + docs_requirements, 'demo': demo_requirements,
+                    'docs': docs_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

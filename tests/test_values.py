@@ -1,0 +1,203 @@
+"""Tests for unifiededit.values: target tokens, the value loss, batched vs serial optimization."""
+import pytest
+import torch
+
+from unifiededit.keys import ContextTemplates, EditRequest, fill
+from unifiededit.models import ModelAdapter, tiny_model, tiny_tokenizer
+from unifiededit.values import (TargetValues, compute_target_values, compute_target_values_serial,
+                                target_token_ids, value_prompts)
+
+# initializer_range 0.1: a random model at the usual 0.02 can barely be steered (its logits stay near uniform)
+SETUPS = {"bpe": ("gpt2", "bpe"), "sentencepiece": ("llama", "sentencepiece")}
+REQS = [EditRequest("{} plays the sport of", "LeBron James", "football"),
+        EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+        EditRequest("{}, which is located in", "Autonomous University of Madrid", "Sweden"),
+        EditRequest("{} was created by", "Apple A5", "Google")]
+TEMPLATES = ContextTemplates([["{}"], ["Because the city. {}", "I like it. {}"]])
+FAST = dict(v_num_grad_steps=8, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny models run fastest on one thread (and do not fight the other processes of a shared CPU); restored after."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(kind, **cfg):
+    family, tk = SETUPS[kind]
+    return tiny_model(family, initializer_range=0.1, **cfg), tiny_tokenizer(tk)
+
+
+def rel_err(a, b):
+    return ((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).max().item()
+
+
+# ---------------------------------------------------------------- tokenization of the loss
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_target_tokens(kind):
+    tok = tiny_tokenizer(kind)
+    for r in REQS:
+        ids = target_token_ids(tok, r)
+        assert tok.decode(ids).strip() == r.target_new
+        assert tok.bos_token_id not in ids or tok.bos_token_id == tok.eos_token_id
+        # exactly the tokens the target gets after the prompt in one tokenization of the whole text
+        whole = tok(r.text + " " + r.target_new)["input_ids"]
+        assert whole[-len(ids):] == ids
+    # a leading space in the target is not doubled
+    assert target_token_ids(tok, EditRequest("{} is", "X", " Rome")) == target_token_ids(tok, EditRequest("{} is", "X", "Rome"))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_value_prompts_layout(kind):
+    tok = tiny_tokenizer(kind)
+    r = REQS[1]
+    vp = value_prompts(tok, r, TEMPLATES)
+    assert vp.n_rewrite == len(TEMPLATES) and len(vp.input_ids) == len(TEMPLATES) + 1
+    T = len(vp.target_ids)
+    for t, row, tp, sp in zip(TEMPLATES.flat, vp.input_ids, vp.target_pos, vp.subject_pos):
+        prompt_ids = tok(fill(r, t)[0])["input_ids"]
+        assert row == prompt_ids + vp.target_ids[:-1]                    # teacher forcing
+        assert tp == list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + T))
+        assert tok.decode(row[: sp + 1], skip_special_tokens=True).endswith(r.subject)
+    kl_text = tok.decode(vp.input_ids[-1], skip_special_tokens=True)
+    assert kl_text.strip() == f"{r.subject} is a"
+    assert tok.decode(vp.input_ids[-1][: vp.subject_pos[-1] + 1], skip_special_tokens=True).strip() == r.subject
+
+
+# ---------------------------------------------------------------- batched == serial
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_batched_equals_serial(kind):
+    model, tok = setup(kind)
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, v_num_grad_steps=8)
+    bat = compute_target_values(model, tok, REQS, 1, TEMPLATES, batch_size=3, **FAST)   # chunks of 3 + 1
+    assert torch.equal(bat.n_steps, ser.n_steps) and bat.n_steps.tolist() == [7] * 4
+    assert rel_err(bat.delta, ser.delta) < 1e-4
+    torch.testing.assert_close(bat.h, ser.h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bat.loss_init, ser.loss_init, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bat.loss_final, ser.loss_final, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bat.kl_final, ser.kl_final, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(bat.prob_final, ser.prob_final, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(bat.loss_history, ser.loss_history, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_per_edit_early_stop_matches_serial():
+    model, tok = setup("bpe")
+    kw = dict(v_num_grad_steps=20, early_stop_loss=6.0)
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, **kw)
+    bat = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, **kw)
+    steps = bat.n_steps.tolist()
+    assert min(steps) < 19 == max(steps), steps                   # some edits stopped early, others ran to the end
+    assert torch.equal(bat.n_steps, ser.n_steps)
+    assert rel_err(bat.delta, ser.delta) < 1e-4
+    stopped = bat.n_steps < 19
+    assert (bat.loss_final[stopped] < 6.0).all() and (bat.loss_final[~stopped] >= 6.0).all()
+    # history: nan after stopping
+    for e, n in enumerate(steps):
+        assert torch.isfinite(bat.loss_history[: n + 1, e]).all() and torch.isnan(bat.loss_history[n + 1:, e]).all()
+
+
+def test_rewrite_hook_gemma3_matches_serial():
+    model, tok = tiny_model("gemma3", initializer_range=0.1), tiny_tokenizer("sentencepiece")
+    ser = compute_target_values_serial(model, tok, REQS[:2], 1, TEMPLATES, hook="rewrite", v_num_grad_steps=6)
+    bat = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, hook="rewrite", v_num_grad_steps=6, progress=False)
+    assert rel_err(bat.delta, ser.delta) < 1e-4 and torch.equal(bat.n_steps, ser.n_steps)
+    ad = ModelAdapter.from_model(model)
+    assert bat.h.shape == (2, ad.d_out(1))
+
+
+# ---------------------------------------------------------------- what the values do
+def test_h_is_the_hooked_activation_and_delta_raises_target_probability():
+    model, tok = setup("sentencepiece")
+    ad, layer = ModelAdapter.from_model(model), 1
+    tv = compute_target_values(model, tok, REQS[:2], layer, TEMPLATES, v_num_grad_steps=12, progress=False)
+    module = ad.module("layer", layer)
+    for e, r in enumerate(REQS[:2]):
+        vp = value_prompts(tok, r, ["{}"])
+        ids = torch.tensor([vp.input_ids[0][: vp.target_pos[0][0] + 1]])          # the bare prompt
+        pos = vp.subject_pos[0]
+        seen = {}
+
+        def hook(m, args, out, add=None):
+            x = out[0] if isinstance(out, tuple) else out
+            seen["h"] = x[0, pos].detach().clone()
+            if add is not None:
+                x = x.clone(); x[0, pos] += add
+                return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+
+        def p_target(add=None):
+            handle = module.register_forward_hook(lambda m, a, o: hook(m, a, o, add))
+            try:
+                with torch.no_grad():
+                    logits = model(ids).logits[0, -1]
+            finally:
+                handle.remove()
+            return torch.softmax(logits, -1)[vp.target_ids[0]].item()
+
+        p0 = p_target()
+        torch.testing.assert_close(tv.h[e], seen["h"], rtol=1e-5, atol=1e-6)      # h: clean activation at bare prompt
+        p1 = p_target(tv.delta[e])
+        assert p1 > p0
+    assert (tv.loss_final < tv.loss_init).all() and (tv.prob_final > tv.prob_init).all()
+    torch.testing.assert_close(tv.z, tv.h + tv.delta)
+
+
+def test_clamp_holds():
+    model, tok = setup("bpe")
+    c = 0.05
+    tv = compute_target_values(model, tok, REQS, 1, TEMPLATES, clamp_norm_factor=c, **FAST)
+    ratio = tv.delta.norm(dim=1) / (c * tv.h.norm(dim=1))
+    assert (ratio <= 1 + 1e-5).all()
+    assert (ratio > 1 - 1e-4).any()                                   # the projection was active
+    ser = compute_target_values_serial(model, tok, REQS[:1], 1, TEMPLATES, clamp_norm_factor=c, v_num_grad_steps=8)
+    assert rel_err(tv.delta[:1], ser.delta) < 1e-4
+
+
+def test_model_untouched_and_deterministic():
+    model, tok = setup("bpe")
+    model.train()
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(True)           # a user's training state
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    a = compute_target_values(model, tok, REQS, 1, TEMPLATES, **FAST)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # bit-identical
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert all(p.grad is None for p in model.parameters())
+    b = compute_target_values(model, tok, REQS, 1, TEMPLATES, **FAST)
+    assert torch.equal(a.delta, b.delta) and torch.equal(a.h, b.h)
+    assert torch.equal(a.loss_history.nan_to_num(-1.0), b.loss_history.nan_to_num(-1.0))
+    c = compute_target_values(model, tok, REQS, 1, TEMPLATES, batch_size=1, **FAST)
+    assert rel_err(c.delta, a.delta) < 1e-4 and torch.equal(c.n_steps, a.n_steps)
+
+
+def test_non_finite_is_refused_with_the_request():
+    model, tok = setup("bpe")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite loss.*LeBron James plays the sport of"):
+        compute_target_values(model, tok, REQS[:1], 1, TEMPLATES, **FAST)
+    with pytest.raises(ValueError, match="non-finite loss.*LeBron James"):
+        compute_target_values_serial(model, tok, REQS[:1], 1, TEMPLATES, v_num_grad_steps=3)
+
+
+def test_argument_errors():
+    model, tok = setup("bpe")
+    for kw, match in [(dict(hook="mlp"), "hook must be"), (dict(v_num_grad_steps=0), ">= 1"),
+                      (dict(v_lr=0.0), "v_lr must be > 0"), (dict(kl_factor=-1.0), "kl_factor must be >= 0"),
+                      (dict(batch_size=0), "batch_size must be >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, **kw)
+    with pytest.raises(ValueError, match="no edit requests"):
+        compute_target_values(model, tok, [], 1, TEMPLATES, progress=False)
+    tv = compute_target_values(model, tok, [REQS[0].to_dict()], 1, None, v_num_grad_steps=2, progress=False)
+    assert isinstance(tv, TargetValues) and len(tv) == 1 and tv.requests == [REQS[0]]
+
+
+def test_stop_before_any_step():
+    model, tok = setup("sentencepiece")
+    tv = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, early_stop_loss=100.0, **FAST)
+    assert tv.n_steps.tolist() == [0, 0] and torch.count_nonzero(tv.delta) == 0
+    torch.testing.assert_close(tv.loss_final, tv.loss_init)
+    assert torch.isnan(tv.loss_history[1:]).all()
