@@ -128,6 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--save", default=None, help="write the edit to this .safetensors file")
     e.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("sweep", help="edit dataset records at several batch sizes with ROME/MEMIT/EMMET (resumable)",
+                       description="Batch-size sweep (chapter 12): results are written per batch to --out; an "
+                                   "interrupted sweep continues when the same command is run again.")
+    s.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected)")
+    s.add_argument("--out", required=True, help="results folder (resumed if it exists)")
+    s.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
+    s.add_argument("--n-records", type=int, default=64, help="records to sample (distinct subjects)")
+    s.add_argument("--methods", default="emmet,memit", help="comma-separated: rome, memit, emmet")
+    s.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes")
+    s.add_argument("--layer-modes", default="single,multi", help="comma-separated: single, multi")
+    s.add_argument("--single-layer", type=int, default=None, help="layer of the single-layer mode (default: per model)")
+    s.add_argument("--multi-layers", default=None, help="comma-separated layers of the multi-layer mode")
+    s.add_argument("--sequential", action="store_true", help="accumulate batches instead of restoring the weights")
+    s.add_argument("--sequential-eval", default="all", choices=["all", "batch"])
+    s.add_argument("--corpus", default=None, help="text file for the key statistics (default: WikiText or model-sampled text)")
+    s.add_argument("--n-tokens", type=int, default=None, help="corpus tokens for the key statistics (default 100,000)")
+    s.add_argument("--mom2-update-weight", type=float, default=None, help="lambda in C = lambda*C0 (default 1, for a mean C0)")
+    s.add_argument("--emmet-lambda", type=float, default=None, help="EMMET's ridge alpha for B > 1 (default 0.1)")
+    s.add_argument("--emmet-lambda-b1", default="0", help="EMMET's alpha at B = 1 (authors: 0); 'same' = --emmet-lambda")
+    s.add_argument("--max-batches", type=int, default=None, help="at most this many batches per configuration")
+    s.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
+    s.add_argument("--eval-batch-size", type=int, default=32)
+    s.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
+    s.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    s.add_argument("--plot", default=None, help="save the score plot to this image file (and *_diagnostics next to it)")
+    s.add_argument("--overwrite", action="store_true", help="discard results of different settings in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -139,6 +167,9 @@ def main(argv=None) -> int:
             run_demo(args.model, args.method, args.corpus, args.n_tokens, args.cache_dir, seed=args.seed)
         elif args.command == "edit":
             run_edit(args)
+        elif args.command == "sweep":
+            from unifiededit.sweep import sweep_from_args
+            sweep_from_args(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"unifiededit {args.command}: error: {err}", file=sys.stderr)
         return 2
