@@ -201,3 +201,14 @@ def test_stop_before_any_step():
     assert tv.n_steps.tolist() == [0, 0] and torch.count_nonzero(tv.delta) == 0
     torch.testing.assert_close(tv.loss_final, tv.loss_init)
     assert torch.isnan(tv.loss_history[1:]).all()
+
+
+def test_auto_chunks_sorted_by_length_keep_request_order():
+    model, tok = setup("bpe")
+    one = compute_target_values(model, tok, REQS, 1, TEMPLATES, batch_size=len(REQS), **FAST)
+    # a token budget that forces chunks of one edit each, processed shortest first
+    auto = compute_target_values(model, tok, REQS, 1, TEMPLATES, max_tokens=1, **FAST)
+    assert rel_err(auto.delta, one.delta) < 1e-4 and torch.equal(auto.n_steps, one.n_steps)
+    torch.testing.assert_close(auto.loss_init, one.loss_init, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(auto.h, one.h, rtol=1e-5, atol=1e-6)
+    assert auto.loss_history.shape == (8, len(REQS))
