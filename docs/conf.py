@@ -116,7 +116,7 @@ def _docments_lines(obj, lines: list[str]) -> list[str]:
 # -- docstrings are Markdown in an nbdev project (`code`, $math$, [links](url)); autodoc parses reStructuredText ----------
 _CODE_RE = re.compile(r"(``.+?``|(?<!`)`[^`]+`(?!`))")
 _DOLLAR_RE = re.compile(r"(?<![\\$\w])\$([^$\s](?:[^$]*?[^$\s\\])?)\$(?![\w$])")
-_STAR_RE = re.compile(r"(?<![\w\\*])(\*{1,2})(?=\w)")  # `*args`, `**kwargs`: literal unless closed later
+_STAR_RE = re.compile(r"(?<![\w\\*])(\*{1,2})(?=\S)")  # `*args`, `**kwargs`, `{*,`: literal unless closed later
 _MDLINK_RE = re.compile(r"(?<!!)\[([^\]]+)\]\((\S+?)\)")
 
 

@@ -166,9 +166,9 @@ def test_layers_from_trace():
     def fake(mlp_last_subject):     # one-fact traces whose last subject token (index 1) has the given MLP probs
         scores = np.zeros((3, len(mlp_last_subject))); scores[1] = mlp_last_subject
         return TraceResult("x", "s", [0, 1, 2], ["a", "b", "c"], (0, 2), 0, "o", 1.0, 0.0, {"mlp": scores}, 10, 1, 1.0, 0)
-    facts = [fake([0.1, 0.5, 0.2, 0.0]), fake([0.1, 0.1, 0.4, 0.0])]      # mean: [.1, .3, .3, 0] -> first peak, 1
+    facts = [fake([0.1, 0.6, 0.2, 0.0]), fake([0.1, 0.1, 0.4, 0.0])]      # mean: [.1, .35, .3, 0] -> layer 1
     assert layers_from_trace(facts) == [1] and layers_from_trace(facts[1]) == [2]
-    np.testing.assert_allclose(average_effect(facts, "mlp").layer_curve()[0], [0.1, 0.3, 0.3, 0.0])
+    np.testing.assert_allclose(average_effect(facts, "mlp").layer_curve()[0], [0.1, 0.35, 0.3, 0.0])
     m = tiny_model("llama")
     hp = HParams.for_model(m, "memit", layers=layers_from_trace(facts, n=2))
     assert hp.layers == [1, 2]

@@ -212,3 +212,76 @@ def test_auto_chunks_sorted_by_length_keep_request_order():
     torch.testing.assert_close(auto.loss_init, one.loss_init, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(auto.h, one.h, rtol=1e-5, atol=1e-6)
     assert auto.loss_history.shape == (8, len(REQS))
+
+
+# ---------------------------------------------------------------- the suffix path (prefix and lower blocks computed once)
+@pytest.mark.parametrize("family,kind,hook,layer", [("gpt2", "bpe", "layer", 1), ("gpt2", "bpe", "rewrite", 0),
+                                                    ("llama", "sentencepiece", "rewrite", 2),
+                                                    ("gemma3", "sentencepiece", "layer", 0),
+                                                    ("gptj", "bpe", "layer", 2), ("gpt_neox", "bpe", "rewrite", 1)])
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_both_paths_equal_serial(family, kind, hook, layer, reuse_prefix):
+    model, tok = tiny_model(family, initializer_range=0.1), tiny_tokenizer(kind)
+    ser = compute_target_values_serial(model, tok, REQS, layer, TEMPLATES, hook=hook, v_num_grad_steps=6)
+    got = compute_target_values(model, tok, REQS, layer, TEMPLATES, hook=hook, v_num_grad_steps=6, batch_size=3,
+                                progress=False, reuse_prefix=reuse_prefix)
+    assert torch.equal(got.n_steps, ser.n_steps)
+    assert rel_err(got.delta, ser.delta) < 1e-4
+    torch.testing.assert_close(got.h, ser.h, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.loss_history, ser.loss_history, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got.kl_final, ser.kl_final, rtol=1e-3, atol=1e-6)
+
+
+def test_suffix_path_sliding_window_shorter_than_prompts():
+    # a window of 5 tokens: cache distances must equal true distances for the result to match
+    model, tok = tiny_model("gemma3", initializer_range=0.1, sliding_window=5), tiny_tokenizer("sentencepiece")
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, v_num_grad_steps=6)
+    got = compute_target_values(model, tok, REQS, 1, TEMPLATES, v_num_grad_steps=6, progress=False, reuse_prefix=True)
+    assert torch.equal(got.n_steps, ser.n_steps) and rel_err(got.delta, ser.delta) < 1e-4
+
+
+def test_suffix_path_small_setup_groups_and_early_stop():
+    model, tok = setup("bpe")
+    kw = dict(v_num_grad_steps=20, early_stop_loss=6.0)
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, **kw)
+    got = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, max_tokens=20, reuse_prefix=True, **kw)
+    assert min(ser.n_steps.tolist()) < 19 and torch.equal(got.n_steps, ser.n_steps)
+    assert rel_err(got.delta, ser.delta) < 1e-4
+
+
+def test_suffix_path_restores_blocks_and_model():
+    model, tok = setup("sentencepiece")
+    blocks = list(model.model.layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compute_target_values(model, tok, REQS[:2], 2, TEMPLATES, progress=False, reuse_prefix=True, **{"v_num_grad_steps": 3})
+    assert all(a is b for a, b in zip(model.model.layers, blocks))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite loss"):
+        compute_target_values(model, tok, REQS[:1], 2, TEMPLATES, progress=False, reuse_prefix=True, v_num_grad_steps=3)
+    assert all(a is b for a, b in zip(model.model.layers, blocks))             # stand-ins removed after an error too
+
+
+def test_suffix_path_runs_fewer_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+    model, tok = setup("sentencepiece")
+    flops = {}
+    for reuse in (False, True):
+        with FlopCounterMode(display=False) as fc:
+            compute_target_values(model, tok, REQS, 1, TEMPLATES, v_num_grad_steps=8, early_stop_loss=-1.0,
+                                  progress=False, reuse_prefix=reuse)
+        flops[reuse] = fc.get_total_flops()
+    assert flops[True] < flops[False] / 2, flops
+
+
+def test_reuse_prefix_needs_a_cache_aware_decoder():
+    model, tok = setup("bpe")
+    base = model.base_model
+    base.forward = lambda input_ids=None, attention_mask=None: type(base).forward(base, input_ids=input_ids,
+                                                                                 attention_mask=attention_mask)
+    with pytest.raises(ValueError, match="reuse_prefix=True needs a decoder"):
+        compute_target_values(model, tok, REQS[:1], 1, TEMPLATES, progress=False, reuse_prefix=True, v_num_grad_steps=2)
+    # the default falls back to the full-sequence path
+    tv = compute_target_values(model, tok, REQS[:1], 1, TEMPLATES, progress=False, v_num_grad_steps=2)
+    assert len(tv) == 1 and torch.isfinite(tv.delta).all()

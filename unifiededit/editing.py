@@ -22,7 +22,7 @@ from .keys import ContextTemplates, EditRequest, compute_keys, subject_activatio
 from .models import ModelAdapter
 from .objective import emmet_update, memit_update, rome_update
 from .stats import collect_key_stats
-from .values import compute_target_values
+from .values import TargetValues, compute_target_values
 
 # %% auto #0
 __all__ = ['Edit', 'edit', 'adapter_names']
@@ -196,15 +196,36 @@ def _info_dict(info) -> dict:
             for k, v in d.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
 
 
+def _check_values(tv, reqs: list[EditRequest], layer: int, hook: str, d: int):
+    "Precomputed target values must be for exactly `reqs` (same order), at `layer` and `hook`, shaped (E, d), finite."
+    if not isinstance(tv, TargetValues): raise TypeError(f"values must be a TargetValues, got {type(tv).__name__}")
+    if len(tv) != len(reqs): raise ValueError(f"values holds {len(tv)} target values for {len(reqs)} requests")
+    if (tv.layer, tv.hook) != (layer, hook):
+        raise ValueError(f"values were computed at layer {tv.layer}, hook {tv.hook!r}; this edit needs layer {layer}, "
+                         f"hook {hook!r}")
+    for name in ("delta", "h"):
+        if tuple(getattr(tv, name).shape) != (len(reqs), d):
+            raise ValueError(f"values.{name} has shape {tuple(getattr(tv, name).shape)}, expected {(len(reqs), d)}")
+    ident = lambda r: (r.prompt, r.subject, r.target_new)
+    given = [ident(EditRequest.from_any(r)) for r in tv.requests]
+    if given != [ident(r) for r in reqs]:
+        j = next((j for j, (a, r) in enumerate(zip(given, reqs)) if a != ident(r)), len(given))
+        raise ValueError(f"values do not match the requests (same requests, same order): request {j} is "
+                         f"{ident(reqs[j]) if j < len(reqs) else None}, values hold {given[j] if j < len(given) else None}")
+    if not (torch.isfinite(tv.delta).all() and torch.isfinite(tv.h).all()): raise ValueError("values contain NaN or inf")
+    return tv
+
+
 def edit(model, tok, requests, method: str | None = None, hparams: HParams | None = None, *, stats=None,
-         corpus=None, cache_dir=None, templates: ContextTemplates | None = None, progress: bool = True,
-         **overrides) -> Edit:
+         corpus=None, cache_dir=None, templates: ContextTemplates | None = None, values: TargetValues | None = None,
+         progress: bool = True, **overrides) -> Edit:
     """Edit `model` in place with ROME, MEMIT or EMMET and return the applied `Edit`.
 
     `requests`: CounterFact-style dicts (`{"prompt": "{} plays", "subject": "LeBron James", "target_new": {"str": "football"}}`)
     or `EditRequest`s. `stats`: precomputed statistics (layer -> C0 (d_in, d_in) or an object with `.mom2`); if None
-    they are computed from `corpus` (see `unifiededit.stats`). `overrides` replace hyper-parameter fields.
-    On any error the model is left exactly as it was.
+    they are computed from `corpus` (see `unifiededit.stats`). `values`: precomputed target values of exactly these
+    requests, in this order, at the last edited layer and its hook point (e.g. from a cache); they replace step 2's
+    optimization. `overrides` replace hyper-parameter fields. On any error the model is left exactly as it was.
     """
     t_start = time.perf_counter()
     if hparams is None: hparams = HParams.for_model(model, method or "emmet", **overrides)
@@ -243,10 +264,12 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     L = hp.layers[-1]
     hook_name = adapter.name("layer" if hook == "layer" else "rewrite", L)
     t = time.perf_counter()
-    tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
-                               v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
-                               kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
-                               batch_size=hp.v_batch_size, progress=progress)
+    if values is not None: tv = _check_values(values, reqs, L, hook, adapter.d_out(L))
+    else:
+        tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
+                                   v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
+                                   kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
+                                   batch_size=hp.v_batch_size, progress=progress)
     times["values"] = time.perf_counter() - t
     Z = tv.z.to(torch.float64)                                                          # (E, d_model)
 
@@ -284,7 +307,8 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     times["total"] = time.perf_counter() - t_start
     diag = {"layers": {str(l): v for l, v in layer_diag.items()}, "times": times, "value_hook": hook,
             "z_loss_init": tv.loss_init.tolist(), "z_loss_final": tv.loss_final.tolist(),
-            "z_steps": [int(s) for s in tv.n_steps], "n_templates": len(templates)}
+            "z_steps": [int(s) for s in tv.n_steps], "n_templates": len(templates),
+            "values_precomputed": values is not None}
     return Edit(method=method, deltas=deltas, module_names={l: adapter.name("rewrite", l) for l in hp.layers},
                 requests=[r.to_dict() for r in reqs], hparams={**hp.to_dict(), **adapter_names(adapter)},
                 diagnostics=diag, model=model, values=tv, _originals=originals)

@@ -6,18 +6,20 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch import nn
 
-from .hooks import Trace, add_at_positions
+from .hooks import Trace, add_at_positions, replace_main
 from .keys import ContextTemplates, EditRequest, encode_with_subject, fill, pad_id, pad_right, target_text
 from .models import ModelAdapter
 
 # %% auto #0
 __all__ = ['KL_PROMPT', 'HOOKS', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'TargetValues', 'frozen_eval',
-           'compute_target_values_serial', 'compute_target_values']
+           'compute_target_values_serial', 'prefix_reuse_supported', 'compute_target_values']
 
 # %% ../nbs/05_values.ipynb #b83c6781
 KL_PROMPT = "{} is a"
@@ -208,14 +210,344 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
                         loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs)
 
 # %% ../nbs/05_values.ipynb #c5e4318e
+class _ChunkOptimizer:
+    """The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes: the loss from
+    final hidden states, its record, per-edit early stop, the Adam step and the projection onto the norm ball."""
+    def __init__(self, reqs, steps: int, v_lr: float, clamp: float, kl_factor: float, wd_factor: float,
+                 stop_at: float, bar=None):
+        E = len(reqs)
+        self.reqs, self.steps, self.v_lr, self.clamp, self.stop_at, self.bar = reqs, steps, v_lr, clamp, stop_at, bar
+        self.kl_factor, self.wd_factor = kl_factor, wd_factor
+        self.active = torch.ones(E, dtype=torch.bool)                      # edits still optimizing
+        self.n_steps = torch.zeros(E, dtype=torch.long)
+        self.hist = torch.full((steps, E), float("nan"))
+        self.res = {k: torch.zeros(E) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
+        self.delta = self.h = self.opt = self.kl_init = None
+
+    def start(self, h: torch.Tensor):
+        "h (E, d): the hooked activation at delta = 0; delta = 0 in float32 (or wider) and its Adam optimizer."
+        self.h = h.detach().clone()
+        self.delta = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device,
+                                 requires_grad=True)
+        self.opt = torch.optim.Adam([self.delta], lr=self.v_lr)
+
+    def idx(self) -> torch.Tensor:
+        "Indices (k,) of the active edits, in chunk order."
+        return self.active.nonzero().flatten()
+
+    def loss(self, adapter, idx, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl):
+        """Per-edit loss (k,) of the k active edits `idx`, and its NLL, KL and mean target probability.
+        hid_t (n_t, d): final hidden states at the target positions, t_lab (n_t,) the tokens they must predict, t_w
+        (n_t,) = 1/T, t_row (n_t,) their rewrite row (0..n_rw-1); rw_edit (n_rw,): each rewrite row's edit (0..k-1);
+        hid_kl (k, d): final hidden state at the subject's last token of each edit's KL prompt."""
+        fdt, k = self.delta.dtype, len(idx)
+        logp = torch.log_softmax(adapter.logits(hid_t).to(fdt), -1)                              # (n_t, V)
+        dev = logp.device
+        tok_lp = logp.gather(1, t_lab.to(dev).unsqueeze(1)).squeeze(1)                           # (n_t,)
+        rw_edit = rw_edit.to(dev)
+        row_nll = torch.zeros(len(rw_edit), device=dev, dtype=fdt).index_add(0, t_row.to(dev), -tok_lp * t_w.to(dev, fdt))
+        n_rw = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.ones_like(row_nll))   # N per edit
+        nll = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, row_nll) / n_rw                # (k,)
+        prob = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll.detach())) / n_rw
+        # KL(P_delta || P_0) at the subject's last token of "{subject} is a"
+        kl_logp = torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1)                          # (k, V)
+        if self.kl_init is None: self.kl_init = kl_logp.detach().clone()                         # (E, V): first call, delta = 0
+        kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(dev)])).sum(-1)                    # (k,)
+        i_d = idx.to(self.delta.device)
+        wd = self.wd_factor * self.delta[i_d].norm(dim=-1) / self.h[i_d].to(fdt).norm(dim=-1) ** 2
+        return nll + self.kl_factor * kl + wd.to(dev), nll, kl, prob
+
+    def step(self, it: int, idx, loss, nll, kl, prob) -> bool:
+        """Record evaluation `it` of the active edits; freeze those below the threshold; unless this was the last
+        evaluation, one Adam step on the rest and the projection. Returns False when the chunk is done."""
+        lv = loss.detach().cpu()
+        bad = (~torch.isfinite(lv)).nonzero().flatten()
+        if len(bad): raise _non_finite(self.reqs[idx[bad[0]]], "loss", lv[bad[0]].item())
+        self.hist[it, idx] = lv
+        if self.bar is not None: self.bar.set_postfix(step=it, optimizing=len(idx), mean_loss=f"{lv.mean().item():.3f}")
+        if it == 0: self.res["loss_init"][:], self.res["p0"][:] = lv, prob.detach().cpu()
+        for key, v in (("loss_final", lv), ("nll", nll.detach().cpu()), ("kl", kl.detach().cpu()), ("p1", prob.detach().cpu())):
+            self.res[key][idx] = v
+        go = lv >= self.stop_at                                            # early stop, per edit
+        if it == self.steps - 1 or not go.any(): return False
+        delta, device = self.delta, self.delta.device
+        self.active[idx[~go]] = False
+        keep = delta.detach()[~self.active.to(device)].clone()
+        self.opt.zero_grad()
+        loss[go.to(loss.device)].sum().backward()
+        self.opt.step()
+        self.n_steps[self.active] += 1
+        with torch.no_grad():
+            delta[~self.active.to(device)] = keep                          # frozen edits: undo Adam's momentum move
+            a = self.active.to(device)
+            norms = delta[a].norm(dim=-1)
+            max_norm = self.clamp * self.h[a].to(delta.dtype).norm(dim=-1)
+            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+            delta[a] = delta[a] * scale.unsqueeze(1)
+        bad = (~torch.isfinite(delta.detach()).all(-1)).nonzero().flatten()
+        if len(bad): raise _non_finite(self.reqs[bad[0]], "delta", delta[bad[0]].norm().item())
+        return True
+
+    def result(self) -> dict:
+        r = self.res
+        return dict(delta=self.delta.detach(), h=self.h.to(self.delta.dtype), loss_init=r["loss_init"],
+                    loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps,
+                    hist=self.hist)
+
+
+def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device):
+    "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
+    seqs, subj, row_edit, kl_rows, first_rows, rw_edit = [], [], [], [], [], []
+    t_row, t_pos, t_lab, t_w, t_rw = [], [], [], [], []
+    for k, e in enumerate(edits):
+        vp = prompts[e]
+        base = len(seqs)
+        first_rows.append(base)
+        for j, x in enumerate(vp.input_ids):
+            seqs.append(x); subj.append(vp.subject_pos[j]); row_edit.append(k)
+        kl_rows.append(base + vp.n_rewrite)
+        for j, tp in enumerate(vp.target_pos):
+            t_row += [base + j] * len(tp); t_pos += tp; t_lab += vp.target_ids; t_w += [1.0 / len(tp)] * len(tp)
+            t_rw += [len(rw_edit)] * len(tp); rw_edit.append(k)
+    ids, mask = pad_right(seqs, pad, device)
+    L = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
+    return dict(ids=ids, mask=mask, subj=L(subj), row_edit=L(row_edit), kl_rows=L(kl_rows), first_rows=L(first_rows),
+                rw_edit=L(rw_edit), t_row=L(t_row), t_pos=L(t_pos), t_lab=L(t_lab), t_w=L(t_w, torch.float32),
+                t_rw=L(t_rw))
+
+
+def _optimize_chunk(model, tok, adapter, name, reqs, prompts, v_lr, steps, clamp, kl_factor, wd_factor, stop_at,
+                    bar=None):
+    "The full-sequence path: every step runs every row of the active edits, right-padded, through the whole model."
+    device = next(model.parameters()).device
+    pad = pad_id(tok)
+    st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
+    for it in range(steps):
+        idx = st.idx()
+        b = _chunk_batch(prompts, idx.tolist(), pad, device)
+        idx_d = idx.to(device)
+
+        def edit(module_name, act):
+            if st.delta is None:                                           # first pass: all edits present, delta = 0
+                st.start(act[b["first_rows"], b["subj"][b["first_rows"]]])
+            rows = torch.arange(len(b["row_edit"]), device=act.device)
+            return add_at_positions(st.delta[idx_d[b["row_edit"]].to(st.delta.device)], rows, b["subj"])(module_name, act)
+
+        with Trace(model, [name], retain_output=False, edit_output=edit):
+            hidden = adapter.final_hidden(b["ids"], b["mask"])            # (R, T, d): no logits yet
+        kl_rows = b["kl_rows"]
+        loss, nll, kl, prob = st.loss(adapter, idx, hidden[b["t_row"], b["t_pos"]], b["t_lab"], b["t_w"], b["t_rw"],
+                                      b["rw_edit"], hidden[kl_rows, b["subj"][kl_rows]])
+        if not st.step(it, idx, loss, nll, kl, prob): break
+    return st.result()
+
+# %% ../nbs/05_values.ipynb #85071037
+class _Replay(nn.Module):
+    """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
+    (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
+    def __init__(self, template):
+        super().__init__()
+        self.template, self.value = template, None
+
+    def forward(self, *args, **kwargs):
+        return replace_main(self.template, self.value)
+
+
+def _decoder_layers(adapter: ModelAdapter) -> nn.ModuleList | None:
+    "The ModuleList holding the decoder blocks (`layer_module_tmp` = '<list>.{}'), or None."
+    parent, _, last = adapter.layer_module_tmp.rpartition(".")
+    if last != "{}" or not parent: return None
+    lst = dict(adapter.model.named_modules()).get(parent)
+    return lst if isinstance(lst, nn.ModuleList) and len(lst) == adapter.n_layers else None
+
+
+def prefix_reuse_supported(model) -> bool:
+    """Whether the suffix-only path can run `model`: its decoder takes a `DynamicCache` and explicit position ids
+    (every transformers causal LM here does).
+
+    >>> prefix_reuse_supported(tiny_model('gpt2'))
+    True
+    """
+    try:
+        from transformers import DynamicCache  # noqa: F401
+    except ImportError:
+        return False
+    params = inspect.signature(model.base_model.forward).parameters
+    return "past_key_values" in params and "position_ids" in params
+
+
+def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
+    """The rows of a chunk for the suffix path. Row r (edit `edit[r]`) is split at its subject's last token s[r]:
+    the prefix [0, s) is never recomputed; the suffix [s, s + q) is run at every step — up to the last target
+    position for a rewrite prompt, the subject's last token alone (q = 1) for the KL prompt."""
+    ids, s, q, edit, rw, first, t_rel, t_lab = [], [], [], [], [], [], [], []
+    for e, vp in enumerate(prompts):
+        for j, x in enumerate(vp.input_ids):
+            pos = vp.subject_pos[j]
+            ids.append(list(x)); s.append(pos); edit.append(e); rw.append(j < vp.n_rewrite)
+            if j == 0: first.append(len(s) - 1)
+            if j < vp.n_rewrite:
+                q.append(len(x) - pos); t_rel.append([p - pos for p in vp.target_pos[j]]); t_lab.append(vp.target_ids)
+            else:
+                q.append(1); t_rel.append([]); t_lab.append([])
+    Q = max(q)
+    sfx = torch.full((len(ids), Q), pad, dtype=torch.long)                  # (R, Q) suffix token ids
+    for r, x in enumerate(ids): sfx[r, :q[r]] = torch.tensor(x[s[r]:s[r] + q[r]])
+    return dict(ids=ids, s=torch.tensor(s), q=q, edit=edit, rw=rw, first=first, t_rel=t_rel, t_lab=t_lab, sfx=sfx)
+
+
+def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    "Row indices sorted by length, cut into consecutive groups of at most `max_tokens` padded tokens (≥ 1 row)."
+    groups, cur, width = [], [], 0
+    for r in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if cur and max(width, lengths[r]) * (len(cur) + 1) > max_tokens:
+            groups.append(cur); cur, width = [], 0
+        cur.append(r); width = max(width, lengths[r])
+    return groups + [cur] if cur else groups
+
+
+@torch.no_grad()
+def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: dict, n_edits: int, pad: int,
+                  max_tokens: int):
+    """One pass without gradient over every row in full (sorted by length, in groups of ≤ `max_tokens` padded
+    tokens). Returns
+    - `kv` {layer: (K, V)}, each (R, kv_heads, P, head_dim), for the layers that will run (≥ n_replay): row r's prefix
+      keys/values **right-aligned** in the P = max s slots (slot P - s[r] + i holds position i), so that cache
+      distances equal true distances (sliding-window masks stay exact);
+    - `replay` (R, Q, d): the output of block n_replay - 1 at each row's suffix positions (None if n_replay = 0);
+    - `h` (E, d): the output of `name` at the subject's last token of each edit's first row;
+    - the container type the replayed block returns (a template for `_Replay`)."""
+    from transformers import DynamicCache
+    device = adapter.device("embed")
+    s, q = rows["s"], rows["q"]
+    R, P, Q = len(q), int(s.max()), max(q)
+    lengths = [len(x) for x in rows["ids"]]
+    replay_name = adapter.name("layer", n_replay - 1) if n_replay else None
+    names = list(dict.fromkeys([name] + ([replay_name] if replay_name else [])))
+    kv, replay, h, template = {}, None, None, None
+    for grp in _length_groups(lengths, max_tokens):
+        ids, mask = pad_right([rows["ids"][r] for r in grp], pad, device)
+        g, T = ids.shape
+        seen = {}
+        handle = (adapter.module("layer", n_replay - 1).register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+                  if n_replay else None)
+        try:
+            with Trace(model, names, retain_output=True) as tr:
+                out = model.base_model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(),
+                                       use_cache=True)
+        finally:
+            if handle is not None: handle.remove()
+        template = seen.get("out", template)
+        cache = getattr(out, "past_key_values", None)
+        if not hasattr(cache, "layers"):
+            raise RuntimeError(f"{type(model).__name__} returned no per-layer KV cache ({type(cache).__name__}); "
+                               "use reuse_prefix=False")
+        gi, s_g = torch.tensor(grp), s[grp]
+        src = (torch.arange(P)[None] - (P - s_g)[:, None]).clamp(0, T - 1)              # (g, P) source position
+        for l in range(n_replay, adapter.n_layers):
+            K, V = cache.layers[l].keys, cache.layers[l].values                           # (g, heads, T, hd)
+            if K.shape[-2] != T:
+                raise RuntimeError(f"layer {l}'s cache holds {K.shape[-2]} positions, expected {T}; use reuse_prefix=False")
+            if l not in kv:
+                kv[l] = (K.new_zeros((R, K.shape[1], P, K.shape[3])), V.new_zeros((R, V.shape[1], P, V.shape[3])))
+            ix = src.to(K.device)[:, None, :, None]
+            kv[l][0][gi.to(K.device)] = K.gather(2, ix.expand(g, K.shape[1], P, K.shape[3]))
+            kv[l][1][gi.to(V.device)] = V.gather(2, ix.expand(g, V.shape[1], P, V.shape[3]))
+        act = tr.outputs[name]                                                            # (g, T, d)
+        if h is None: h = act.new_zeros((n_edits, act.shape[-1]))
+        for b, r in enumerate(grp):
+            if rows["first"][rows["edit"][r]] == r: h[rows["edit"][r]] = act[b, int(s[r])]
+        if replay_name:
+            ra = tr.outputs[replay_name]                                                  # (g, T, d)
+            if replay is None: replay = ra.new_zeros((R, Q, ra.shape[-1]))
+            srcq = (s_g[:, None] + torch.arange(Q)[None]).clamp(max=T - 1).to(ra.device)  # (g, Q)
+            replay[gi.to(ra.device)] = ra.gather(1, srcq[..., None].expand(g, Q, ra.shape[-1]))
+    return kv, replay, h, template
+
+
+def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, v_lr, steps, clamp, kl_factor,
+                           wd_factor, stop_at, max_tokens, bar=None):
+    """The suffix path: prefixes and the blocks below `n_replay` once (`_prefix_setup`), then at every step only the
+    suffixes of the active rows through blocks n_replay.., in buckets of equal suffix length (no padding)."""
+    from transformers import DynamicCache
+    device, pad = adapter.device("embed"), pad_id(tok)
+    rows = _suffix_rows(prompts, pad)
+    kv, replay, h, template = _prefix_setup(model, adapter, name, n_replay, rows, len(reqs), pad, max_tokens)
+    st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
+    st.start(h)
+    blocks = _decoder_layers(adapter) if n_replay else None
+    stubs = [_Replay(template) for _ in range(n_replay)]
+    s_all, P_all = rows["s"], int(rows["s"].max())
+    k0 = h                                                                 # dtype/device of the placeholders
+    cur = {}
+    edit = lambda module_name, out: add_at_positions(cur["delta"], cur["rows"], cur["cols"])(module_name, out)
+    for it in range(steps):
+        idx = st.idx()
+        at = {int(e): j for j, e in enumerate(idx.tolist())}             # edit -> position among the active ones
+        buckets = {}
+        for r, e in enumerate(rows["edit"]):
+            if e in at: buckets.setdefault(rows["q"][r], []).append(r)
+        t_flat, t_lab, t_w, t_row, rw_edit, kl_flat, hidden, offset = [], [], [], [], [], [0] * len(idx), [], 0
+        originals = [blocks[l] for l in range(n_replay)] if n_replay else []
+        try:
+            for l in range(n_replay): blocks[l] = stubs[l]
+            with Trace(model, [name], retain_output=False, edit_output=edit):
+                for qb in sorted(buckets):
+                    bk = buckets[qb]
+                    bi, s_b = torch.tensor(bk), s_all[bk]
+                    P = int(s_b.max())
+                    data = []
+                    for l in range(adapter.n_layers):
+                        if l < n_replay:                                   # never run: a size-only placeholder
+                            data.append((k0.new_zeros((len(bk), 1, P, 1)),) * 2)
+                        else:
+                            K, V = kv[l]
+                            i = bi.to(K.device)
+                            data.append((K[i, :, P_all - P:], V[i, :, P_all - P:]))
+                    mask = torch.cat([torch.arange(P)[None] >= (P - s_b)[:, None],
+                                      torch.ones(len(bk), qb, dtype=torch.bool)], 1).long().to(device)
+                    pos = (s_b[:, None] + torch.arange(qb)[None]).to(device)
+                    for stub in stubs: stub.value = replay[bi.to(replay.device), :qb]
+                    cur.update(delta=st.delta[torch.tensor([rows["edit"][r] for r in bk], device=st.delta.device)],
+                               rows=torch.arange(len(bk)), cols=torch.zeros(len(bk), dtype=torch.long))
+                    hid = model.base_model(input_ids=rows["sfx"][bi, :qb].to(device), attention_mask=mask,
+                                           position_ids=pos, past_key_values=DynamicCache(data),
+                                           use_cache=True).last_hidden_state                # (b, q, d)
+                    hidden.append(hid.reshape(-1, hid.shape[-1]))
+                    for b, r in enumerate(bk):
+                        j, base = at[rows["edit"][r]], offset + b * qb
+                        if rows["rw"][r]:
+                            for p, lab in zip(rows["t_rel"][r], rows["t_lab"][r]):
+                                t_flat.append(base + p); t_lab.append(lab); t_w.append(1.0 / len(rows["t_rel"][r]))
+                                t_row.append(len(rw_edit))
+                            rw_edit.append(j)
+                        else:
+                            kl_flat[j] = base
+                    offset += len(bk) * qb
+        finally:
+            for l, m in enumerate(originals): blocks[l] = m
+        flat = torch.cat(hidden)                                                         # (Σ b·q, d)
+        hd = flat.device
+        L = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=hd)
+        loss, nll, kl, prob = st.loss(adapter, idx, flat[L(t_flat)], L(t_lab), L(t_w, torch.float32), L(t_row),
+                                      L(rw_edit), flat[L(kl_flat)])
+        if not st.step(it, idx, loss, nll, kl, prob): break
+    return st.result()
+
+# %% ../nbs/05_values.ipynb #92494921
 def compute_target_values(model, tok, requests: Sequence, layer: int, templates=None, *,
                           adapter: ModelAdapter | None = None, v_lr: float = 0.5, v_num_grad_steps: int = 25,
                           clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625, v_weight_decay: float = 1e-3,
                           hook: str = "layer", batch_size: int | None = None, early_stop_loss: float = 5e-2,
-                          progress: bool = True, max_tokens: int = 8192) -> TargetValues:
+                          progress: bool = True, max_tokens: int = 8192,
+                          reuse_prefix: bool | None = None) -> TargetValues:
     """Optimize, for every request, the offset delta (E, d) added at the subject's last token to the output of
     `adapter.name(hook, layer)` so the model predicts `target_new` (upstream `compute_z`), all edits of a chunk in
     one batch. `templates`: a `ContextTemplates`, list of groups, flat list, or None (bare prompt only).
+
+    `reuse_prefix`: True runs, at each step, only the positions from the subject's last token on through the blocks
+    above the hooked one (the rest is computed once); False runs every position through the whole model at every
+    step; None (default) = True when `prefix_reuse_supported(model)`. Both give the same result.
 
     >>> m, t = tiny_model('gpt2'), tiny_tokenizer('bpe')
     >>> tv = compute_target_values(m, t, [EditRequest('{} is in', 'Paris', 'Rome')], 1, v_num_grad_steps=3, progress=False)
@@ -226,11 +558,19 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     reqs = [EditRequest.from_any(r) for r in requests]
     if not reqs: raise ValueError("no edit requests given")
     if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(max_tokens, int) or max_tokens < 1: raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
     adapter = adapter or ModelAdapter.from_model(model)
     name = _hook_name(adapter, layer, hook)
+    supported = prefix_reuse_supported(model)
+    if reuse_prefix is None: reuse_prefix = supported
+    elif reuse_prefix and not supported:
+        raise ValueError(f"reuse_prefix=True needs a decoder that takes past_key_values and position_ids; "
+                         f"{type(model.base_model).__name__}.forward does not: use reuse_prefix=False")
+    # blocks below the first one that must run are replayed from the setup pass (when the block list is found)
+    n_replay = (layer + 1 if hook == "layer" else layer) if _decoder_layers(adapter) is not None else 0
     prompts = [value_prompts(tok, r, templates) for r in reqs]
     longest = [max(len(x) for x in vp.input_ids) for vp in prompts]
-    if batch_size is None:                                   # fit ~max_tokens (padded) tokens per forward pass
+    if batch_size is None:                                   # fit ~max_tokens (padded) tokens per full forward pass
         batch_size = max(1, max_tokens // max(len(vp.input_ids) * n for vp, n in zip(prompts, longest)))
     # chunks of edits of similar length pad less; results are put back in request order at the end
     order = sorted(range(len(reqs)), key=lambda e: longest[e]) if batch_size < len(reqs) else list(range(len(reqs)))
@@ -240,9 +580,12 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     with frozen_eval(model):
         for c in range(0, len(reqs), batch_size):
             chunk = order[c:c + batch_size]
-            parts.append(_optimize_chunk(model, tok, adapter, name, [reqs[e] for e in chunk],
-                                         [prompts[e] for e in chunk], v_lr, v_num_grad_steps, clamp_norm_factor,
-                                         kl_factor, v_weight_decay, early_stop_loss, bar))
+            args = ([reqs[e] for e in chunk], [prompts[e] for e in chunk], v_lr, v_num_grad_steps, clamp_norm_factor,
+                    kl_factor, v_weight_decay, early_stop_loss)
+            if reuse_prefix:
+                parts.append(_optimize_chunk_suffix(model, tok, adapter, name, n_replay, *args, max_tokens, bar))
+            else:
+                parts.append(_optimize_chunk(model, tok, adapter, name, *args, bar))
             bar.update(len(chunk))
     bar.close()
     inv = torch.argsort(torch.tensor(order))                 # position of each request in the chunked order
@@ -250,94 +593,3 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     return TargetValues(delta=cat("delta"), h=cat("h"), loss_init=cat("loss_init"), loss_final=cat("loss_final"),
                         nll_final=cat("nll"), kl_final=cat("kl"), prob_init=cat("p0"), prob_final=cat("p1"),
                         n_steps=cat("n"), loss_history=cat("hist", 1), layer=layer, hook=hook, requests=reqs)
-
-
-def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device):
-    "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
-    seqs, subj, row_edit, kl_rows, first_rows, is_rw = [], [], [], [], [], []
-    t_row, t_pos, t_lab, t_w = [], [], [], []
-    for k, e in enumerate(edits):
-        vp = prompts[e]
-        base = len(seqs)
-        first_rows.append(base)
-        for j, x in enumerate(vp.input_ids):
-            seqs.append(x); subj.append(vp.subject_pos[j]); row_edit.append(k); is_rw.append(j < vp.n_rewrite)
-        kl_rows.append(base + vp.n_rewrite)
-        for j, tp in enumerate(vp.target_pos):
-            t_row += [base + j] * len(tp); t_pos += tp; t_lab += vp.target_ids; t_w += [1.0 / len(tp)] * len(tp)
-    ids, mask = pad_right(seqs, pad, device)
-    L = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
-    return dict(ids=ids, mask=mask, subj=L(subj), row_edit=L(row_edit), kl_rows=L(kl_rows), first_rows=L(first_rows),
-                is_rw=L(is_rw, torch.bool), t_row=L(t_row), t_pos=L(t_pos), t_lab=L(t_lab), t_w=L(t_w, torch.float32))
-
-
-def _optimize_chunk(model, tok, adapter, name, reqs, prompts, v_lr, steps, clamp, kl_factor, wd_factor, stop_at,
-                    bar=None):
-    E, device = len(reqs), next(model.parameters()).device
-    pad = pad_id(tok)
-    delta = h = kl_init = opt = None
-    active = torch.ones(E, dtype=torch.bool)
-    n_steps = torch.zeros(E, dtype=torch.long)
-    hist = torch.full((steps, E), float("nan"))
-    res = {k: torch.zeros(E) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
-    for it in range(steps):
-        idx = active.nonzero().flatten()                                  # edits still optimizing
-        b = _chunk_batch(prompts, idx.tolist(), pad, device)
-        idx_d = idx.to(device)
-
-        def edit(module_name, act):
-            nonlocal delta, h
-            if h is None:                                                 # first pass: all edits present, delta = 0
-                h = act[b["first_rows"], b["subj"][b["first_rows"]]].detach().clone()
-                dt = torch.promote_types(act.dtype, torch.float32)
-                delta = torch.zeros(E, act.shape[-1], dtype=dt, device=act.device, requires_grad=True)
-            rows = torch.arange(len(b["row_edit"]), device=act.device)
-            return add_at_positions(delta[idx_d[b["row_edit"]]], rows, b["subj"])(module_name, act)
-
-        with Trace(model, [name], retain_output=False, edit_output=edit):
-            hidden = adapter.final_hidden(b["ids"], b["mask"])            # (R, T, d): no logits yet
-        if opt is None: opt, fdt = torch.optim.Adam([delta], lr=v_lr), delta.dtype
-        # NLL: logits only at the target positions
-        logp = torch.log_softmax(adapter.logits(hidden[b["t_row"], b["t_pos"]]).to(fdt), -1)        # (n_t, V)
-        tok_lp = logp.gather(1, b["t_lab"].unsqueeze(1)).squeeze(1)                                 # (n_t,)
-        k, R = len(idx), len(b["row_edit"])
-        row_nll = torch.zeros(R, device=device, dtype=fdt).index_add(0, b["t_row"], -tok_lp * b["t_w"])      # (R,) 1/T sum
-        rw, rw_edit = b["is_rw"], b["row_edit"][b["is_rw"]]
-        n_rw = torch.zeros(k, device=device, dtype=fdt).index_add(0, rw_edit, torch.ones_like(row_nll[rw]))  # N per edit
-        nll = torch.zeros(k, device=device, dtype=fdt).index_add(0, rw_edit, row_nll[rw]) / n_rw              # (k,)
-        prob = torch.zeros(k, device=device, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll[rw].detach())) / n_rw
-        kl_rows = b["kl_rows"]
-        # KL(P_delta || P_0) at the subject's last token of "{subject} is a"
-        kl_logp = torch.log_softmax(adapter.logits(hidden[kl_rows, b["subj"][kl_rows]]).to(fdt), -1)   # (k, V)
-        if kl_init is None: kl_init = kl_logp.detach().clone()                                    # (E, V)
-        kl = (kl_logp.exp() * (kl_logp - kl_init[idx_d])).sum(-1)                                   # (k,)
-        d_act = delta[idx_d]
-        wd = wd_factor * d_act.norm(dim=-1) / h[idx_d].to(fdt).norm(dim=-1) ** 2
-        loss = nll + kl_factor * kl + wd                                                            # (k,)
-        lv = loss.detach().cpu()
-        bad = (~torch.isfinite(lv)).nonzero().flatten()
-        if len(bad): raise _non_finite(reqs[idx[bad[0]]], "loss", lv[bad[0]].item())
-        hist[it, idx] = lv
-        if bar is not None: bar.set_postfix(step=it, optimizing=len(idx), mean_loss=f"{lv.mean().item():.3f}")
-        if it == 0: res["loss_init"][:], res["p0"][:] = lv, prob.detach().cpu()
-        for key, v in (("loss_final", lv), ("nll", nll.detach().cpu()), ("kl", kl.detach().cpu()), ("p1", prob.detach().cpu())):
-            res[key][idx] = v
-        go = lv >= stop_at                                                 # early stop, per edit
-        if it == steps - 1 or not go.any(): break
-        active[idx[~go]] = False
-        keep = delta.detach()[~active.to(device)].clone()
-        opt.zero_grad()
-        loss[go.to(device)].sum().backward()
-        opt.step()
-        n_steps[active] += 1
-        with torch.no_grad():
-            delta[~active.to(device)] = keep                               # frozen edits: undo Adam's momentum move
-            a = active.to(device)
-            norms = delta[a].norm(dim=-1)
-            max_norm = clamp * h[a].to(fdt).norm(dim=-1)
-            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-            delta[a] = delta[a] * scale.unsqueeze(1)
-        bad = (~torch.isfinite(delta.detach()).all(-1)).nonzero().flatten()
-        if len(bad): raise _non_finite(reqs[bad[0]], "delta", delta[bad[0]].norm().item())
-    return dict(delta=delta.detach(), h=h.to(delta.dtype), loss_init=res["loss_init"], loss_final=res["loss_final"],
-                nll=res["nll"], kl=res["kl"], p0=res["p0"], p1=res["p1"], n=n_steps, hist=hist)
