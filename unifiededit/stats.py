@@ -23,15 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .hooks import Trace
+from .hooks import StopForward, Trace, _first_tensor
 from .models import ModelAdapter
 from .pretrained import model_id
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus', 'special_prefix', 'token_batches',
-           'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'KeyStatsCollector', 'model_fingerprint',
-           'tokenizer_fingerprint', 'StatsCache', 'model_sampled_corpus', 'default_corpus', 'resolve_n_tokens',
-           'collect_key_stats']
+           'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper', 'symmetrize_upper', 'KeyStatsCollector',
+           'model_fingerprint', 'tokenizer_fingerprint', 'StatsCache', 'model_sampled_corpus', 'default_corpus',
+           'resolve_n_tokens', 'collect_key_stats']
 
 # %% ../nbs/03_stats.ipynb #4ec5437b
 class Corpus:
@@ -314,6 +314,33 @@ def _layer_list(layers, adapter: ModelAdapter) -> list[int]:
     return sorted(set(layers))
 
 
+def _block_edges(d: int, block: int) -> list[int]:
+    "Edges 0 = e_0 < … < e_n = d of n ≈ d / block near-equal column blocks."
+    n = max(1, round(d / block))
+    return [round(d * j / n) for j in range(n + 1)]
+
+
+def add_gram_upper(acc: torch.Tensor, k: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """acc += the block-upper triangle of kᵀk (k: (m, d); acc: (d, d), any float dtype), in place.
+
+    Column block [e_j, e_{j+1}) gets k[:, :e_{j+1}]ᵀ k[:, e_j:e_{j+1}]: the blocks on and above the diagonal, a
+    fraction (n + 1) / 2n of the full product's FLOPs. `symmetrize_upper` rebuilds the full matrix.
+
+    >>> k = torch.arange(6.).reshape(3, 2); acc = torch.zeros(2, 2)
+    >>> symmetrize_upper(add_gram_upper(acc, k, block=1)).tolist() == (k.T @ k).tolist()
+    True
+    """
+    e = _block_edges(k.shape[1], block)
+    for c0, c1 in zip(e[:-1], e[1:]):
+        acc[:c1, c0:c1].add_(k[:, :c1].T @ k[:, c0:c1])          # (c1, m) @ (m, c1 - c0)
+    return acc
+
+
+def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
+    "The symmetric matrix whose upper triangle (diagonal included) is acc's."
+    return torch.triu(acc) + torch.triu(acc, 1).T
+
+
 class KeyStatsCollector:
     """Streaming Σ k kᵀ (float64, on each layer's device) for several layers, one truncated forward pass per batch.
 
@@ -322,29 +349,46 @@ class KeyStatsCollector:
     {0: 4, 2: 4}
     """
     def __init__(self, model, layers, adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,
-                 allow_tf32: bool = False):
+                 allow_tf32: bool = False, block: int = 256):
         self.model = model
         self.adapter = adapter if adapter is not None else ModelAdapter.from_model(model)
         self.layers = _layer_list(layers, self.adapter)
         if matmul_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"matmul_dtype must be torch.float32 or torch.float64, got {matmul_dtype}")
-        self.matmul_dtype, self.allow_tf32 = matmul_dtype, bool(allow_tf32)
+        if not isinstance(block, int) or block < 1: raise ValueError(f"block must be a positive int, got {block!r}")
+        self.matmul_dtype, self.allow_tf32, self.block = matmul_dtype, bool(allow_tf32), block
         self.names = {i: self.adapter.name("rewrite", i) for i in self.layers}
-        self.sums = {i: torch.zeros(self.adapter.d_in(i), self.adapter.d_in(i), dtype=torch.float64,
-                                    device=self.adapter.device("rewrite", i)) for i in self.layers}
+        self._upper = {i: torch.zeros(self.adapter.d_in(i), self.adapter.d_in(i), dtype=torch.float64,
+                                      device=self.adapter.device("rewrite", i)) for i in self.layers}
         self.counts = {i: 0 for i in self.layers}
-        self.stop_after = self.names[self.layers[-1]]
+        self.stop_at = self.names[self.layers[-1]]
         self.input_device = self.adapter.device("embed")
-        self._cuda = any(s.device.type == "cuda" for s in self.sums.values())
+        self._cuda = any(s.device.type == "cuda" for s in self._upper.values())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Trace:
-        "One forward pass truncated after the deepest rewrite module; returns the `Trace` holding the keys."
+    @property
+    def sums(self) -> dict[int, torch.Tensor]:
+        "Σ k kᵀ so far for each layer: (d_in, d_in), float64, exactly symmetric."
+        return {i: symmetrize_upper(u) for i, u in self._upper.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One forward pass, stopped at the *input* of the deepest rewrite module (its product is never needed);
+        returns {module name: its input (B, T, d_in)}."""
         ids = input_ids.to(self.input_device)
         mask = None if attention_mask is None else attention_mask.to(self.input_device)
-        with torch.inference_mode(), Trace(self.model, list(self.names.values()), retain_input=True,
-                                           retain_output=False, stop_after=self.stop_after) as tr:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return tr
+        keys, modules = {}, dict(self.model.named_modules())
+        def grab(name):
+            def pre(module, args, kwargs):
+                keys[name] = _first_tensor(args, kwargs).detach()
+                if name == self.stop_at: raise StopForward(name)
+            return pre
+        handles = [modules[n].register_forward_pre_hook(grab(n), with_kwargs=True) for n in self.names.values()]
+        try:
+            with torch.inference_mode(): self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for h in handles: h.remove()
+        return keys
 
     def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
         "Add the keys of one batch ((B, T) ids; mask 0 = padding, excluded). Returns the number of keys counted."
@@ -355,25 +399,27 @@ class KeyStatsCollector:
         full = attention_mask is None or bool(attention_mask.all())           # full blocks: no gather needed
         n = input_ids.numel() if full else int(attention_mask.sum())
         if n == 0: return 0
-        tr = self.forward(input_ids, attention_mask)
+        keys = self.forward(input_ids, attention_mask)
         keep = {}
         with torch.inference_mode(), exact_fp32_matmul(self._cuda and not self.allow_tf32):
             for i, name in self.names.items():
-                if name not in tr.inputs:
+                if name not in keys:
                     raise RuntimeError(f"the forward pass never reached {name} (layer {i}); is it used by the model's forward?")
-                k = tr.inputs.pop(name)                                   # (B, T, d_in)
+                k = keys.pop(name)                                        # (B, T, d_in)
                 k = k.reshape(-1, k.shape[-1])                            # (B·T, d_in)
                 if not full:
                     if k.device not in keep: keep[k.device] = attention_mask.reshape(-1).bool().to(k.device)
                     k = k[keep[k.device]]                                 # (n, d_in): padding rows dropped
                 k = k.to(torch.promote_types(k.dtype, self.matmul_dtype))
-                self.sums[i].add_(k.T @ k)                                # (d_in, d_in), float32 → float64 sum
+                add_gram_upper(self._upper[i], k, self.block)             # float32 products → float64 sum
                 self.counts[i] += n
         return n
 
     def stats(self, meta: dict | None = None) -> dict[int, LayerStats]:
         "The `LayerStats` of every layer so far (C0 = sum / n)."
-        return {i: LayerStats.from_sum(self.sums[i], self.counts[i], i, self.names[i], meta) for i in self.layers}
+        sums = self.sums
+        return {i: LayerStats.from_sum(sums[i], self.counts[i], i, self.names[i], meta) for i in self.layers}
+
 
 # %% ../nbs/03_stats.ipynb #fe50b503
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype",

@@ -1,0 +1,138 @@
+"""Run the unifiededit benchmarks, print their tables and write one JSON file.
+
+    python benchmarks/run.py --quick --out DIR        # the quick suite (< 10 minutes on a 2-core CPU)
+    python benchmarks/run.py --out DIR                # the full grid
+    python benchmarks/run.py --quick --only values,solvers --out DIR
+    python benchmarks/run.py --smoke --out DIR        # tiny sizes: checks that the scripts run (numbers meaningless)
+
+Each suite measures the compared variants side by side, in this one process (the solver suite in a child process,
+for clean peak-memory readings), on the same machine; the JSON records the machine, the torch threads, the device
+and the load average before and after each suite. Every ratio's key starts with `speedup` and sits next to the raw
+times it was computed from; `speedup_*_vs_*_limit` are fractions of a limit (1 = at the limit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from _common import DEFAULT_DATA, REPO, load, machine, matmul_rate, now, pick_device, write_json  # noqa: E402
+
+SUITES = ("values", "stats", "solvers", "e2e")
+SIZES = {  # what each suite runs. --quick runs B = 32 and 128 with fewer steps (the reference loop's time for them is
+           # its measured time per loss evaluation x their evaluations) and leaves the before/after profile to the full run
+    "quick": dict(values=dict(batch_sizes=[1, 8, 32, 128], n_b1=2, n_serial=2, steps_by_B={32: 10, 128: 6}),
+                  profile=None, stats=dict(n_tokens=8_192, repeat=2),
+                  e2e=dict(edits=16, stats_tokens=20_000, label="--quick: a 16-edit batch, statistics from 20,000 tokens")),
+    "full": dict(values=dict(batch_sizes=[1, 8, 32, 128], n_b1=8, n_serial=8),
+                 profile=dict(B=8), stats=dict(n_tokens=65_536, repeat=3), e2e=dict(edits=256, stats_tokens=None)),
+    "smoke": dict(values=dict(batch_sizes=[1, 4], n_b1=2, n_serial=1, steps_by_B={1: 3, 4: 3}),
+                  profile=dict(B=4, steps=3), stats=dict(n_tokens=4096, repeat=1),
+                  e2e=dict(edits=4, stats_tokens=4096, label="--smoke: plumbing check only")),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="unifiededit benchmarks: print tables, write JSON")
+    ap.add_argument("--quick", action="store_true", help="the quick suite (smaller grids; < 10 minutes on 2 CPU cores)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes that check the scripts run (numbers meaningless)")
+    ap.add_argument("--out", required=True, help="directory for the JSON (quick-<device>.json or full-<device>.json)")
+    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all usable cores)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder (counterfact/, wikitext/)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a name or path load_pretrained accepts")
+    a = ap.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SUITES]
+    if bad: ap.error(f"unknown suite(s) {bad}: choose from {SUITES}")
+    device = pick_device(a.device)
+    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    data = Path(a.data)
+    cf, wiki = data / "counterfact" / "counterfact_500.json", data / "wikitext" / "wiki.test.raw"
+    for p in (cf, wiki):
+        if not p.is_file(): ap.error(f"{p} not found: point --data at the shared data folder")
+    out_dir = Path(a.out)
+    size = "smoke" if a.smoke else "quick" if a.quick else "full"
+    cfg = SIZES[size]
+    out_path = out_dir / f"{size}-{device.type}.json"
+    log = lambda *x: print(*x, flush=True)
+
+    t_start = time.perf_counter()
+    res = dict(suite=size, sizes=cfg, started=now(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               machine=machine(device), load_average_start=load(), suites={})
+    log(f"unifiededit benchmarks ({res['suite']}) on {res['machine']['device_name']} ({device}), "
+        f"{threads} torch threads, load average {res['load_average_start']}")
+    res["matmul_float32"] = matmul_rate(device, torch.float32)
+    log(f"plain float32 matmul (2048^3): {res['matmul_float32']['flops_per_s'] / 1e9:.1f} GFLOP/s")
+
+    model = tok = reqs = None
+    if any(s in only for s in ("values", "stats", "e2e")):
+        from unifiededit.data import load_counterfact
+        from unifiededit.pretrained import load_pretrained
+        model, tok = load_pretrained(a.model, device=device)
+        reqs = load_counterfact(cf).requests()
+
+    def record(name, fn):
+        t0, l0 = time.perf_counter(), load()
+        r = fn()
+        r.update(seconds_suite=time.perf_counter() - t0, load_average_before=l0, load_average_after=load())
+        res["suites"][name] = r
+        write_json(out_path, res)                     # partial results survive an interrupted run
+        return r
+
+    if "values" in only:
+        import bench_values
+        v = record("values", lambda: bench_values.run(model, tok, reqs, device, res["matmul_float32"], cfg["values"], log))
+        bench_values.print_tables(v, log)
+    if "values" in only and cfg["profile"]:
+        log(f"profiling the slowest phase (values): before/after on the same {cfg['profile']['B']} edits")
+        record("profile", lambda: bench_values.before_after(model, tok, reqs, device, cfg["profile"], log))
+        p = res["suites"]["profile"]
+        log(f"values, {p['edits']} edits: before {p['seconds_before']:.1f} s, after {p['seconds_after']:.1f} s "
+            f"(x{p['speedup_after_vs_before']:.1f}); top ops after: "
+            + ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["profile_after_top_ops"][:4]))
+        write_json(out_path, res)
+    if "stats" in only:
+        import bench_stats
+        s = record("stats", lambda: bench_stats.run(model, tok, wiki, device, res["matmul_float32"], cfg["stats"], log))
+        bench_stats.print_tables(s, log)
+    if "e2e" in only:
+        import bench_e2e
+        e = record("e2e", lambda: bench_e2e.run(model, tok, reqs, wiki, device, cfg["e2e"], log))
+        bench_e2e.print_tables(e, log)
+    if "solvers" in only:
+        import bench_solvers
+        del model
+        with tempfile.TemporaryDirectory() as tmp:
+            js = Path(tmp) / "solvers.json"
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+                       PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+            cmd = [sys.executable, str(HERE / "bench_solvers.py"), "--device", str(device), "--threads", str(threads),
+                   "--json", str(js), "--size", size]
+            t0, l0 = time.perf_counter(), load()
+            subprocess.run(cmd, env=env, check=True)          # prints its progress and tables on stderr
+            r = json.loads(js.read_text())
+            r.update(seconds_suite=time.perf_counter() - t0, load_average_before=l0, load_average_after=load(),
+                     process="child process with MALLOC_MMAP_THRESHOLD_=65536 (exact CPU peak-memory readings)")
+            res["suites"]["solvers"] = r
+    res.update(seconds_total=time.perf_counter() - t_start, load_average_end=load(), finished=now())
+    write_json(out_path, res)
+    log(f"\n{res['suite']} suite done in {res['seconds_total']:.0f} s; load average {res['load_average_end']}; "
+        f"wrote {out_path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
