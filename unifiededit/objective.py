@@ -50,13 +50,14 @@ class Preservation:
         # asymmetry tolerated: sqrt(eps) of the dtype C arrived in (relative; float32 3e-4, float64 1.5e-8)
         rtol = math.sqrt(torch.finfo(C.dtype).eps) if symmetry_rtol is None else float(symmetry_rtol)
         C64 = C.detach().to(_compute_device(C.device), torch.float64)   # (d_in, d_in)
-        scale, asym = float(C64.abs().max()), float((C64 - C64.mT).abs().max())
+        Ct = C64.mT.contiguous()                                        # one transposed copy, reused twice
+        scale, asym = float(C64.abs().max()), float((C64 - Ct).abs().max())
         if asym > rtol * scale:
             raise ValueError(
                 f"C is not symmetric: max |C - Cᵀ| = {asym:.3g} while max |C| = {scale:.3g} (relative tolerance "
                 f"{rtol:.1g}). C must be the weighted key second moment λ·K0 K0ᵀ/N, symmetric by construction; "
                 f"was another matrix passed?")
-        C64 = (C64 + C64.mT) / 2          # drop rounding-level asymmetry: C and its factor describe one matrix
+        C64 = (C64 + Ct).mul_(0.5)        # drop rounding-level asymmetry: C and its factor describe one matrix
         L, info = torch.linalg.cholesky_ex(C64)
         piv = L.diagonal().square() if int(info) == 0 else None   # Cholesky pivots; min/max <= 1/cond(C)
         if int(info) > 0 or float(piv.min()) <= d * torch.finfo(torch.float64).eps * float(piv.max()):
@@ -222,11 +223,11 @@ def update_flops(d_in: int, n_edits: int, d_out: int) -> dict[str, float]:
     given the Cholesky factor of C.
 
     >>> {k: int(v) for k, v in update_flops(4, 2, 3).items()}
-    {'primal': 229, 'dual': 186}
+    {'primal': 229, 'dual': 170}
     """
     n, E, m = float(d_in), float(n_edits), float(d_out)
     primal = 2 * E * n**2 + n**3 / 3 + 2 * n * E * m + 2 * n**2 * m
-    dual = E * n**2 + 2 * E**2 * n + E**3 / 3 + 2 * E**2 * m + 2 * n * E * m + n**2 * m
+    dual = E * n**2 + 2 * E**2 * n + E**3 / 3 + 2 * E**2 * m + 2 * n * E * m + n**2 * min(E, m)
     return {"primal": primal, "dual": dual}
 
 
@@ -292,6 +293,8 @@ def _solve_ridge(P: Preservation, K: Tensor, R: Tensor, mu: float, route: str) -
     if int(info) > 0:
         raise _tiny_ridge_error(mu, "KᵀC⁻¹K + μI")
     Z = torch.cholesky_solve(R.mT, LS)                                   # (E, d_out)  S⁻¹Rᵀ
+    if K.shape[1] < R.shape[0]:                                          # E < d_out: L⁻ᵀ on E columns, then outer product
+        return Z.mT @ torch.linalg.solve_triangular(P.L.mT, Kw, upper=True).mT   # (d_out, E) @ (E, d_in)
     return torch.linalg.solve_triangular(P.L.mT, Kw @ Z, upper=True).mT  # (d_out, d_in)
 
 # %% ../nbs/00_objective.ipynb #1fe9a021
