@@ -77,8 +77,8 @@ def main(argv=None):
     res["matmul_float32_samples"] = []
 
     def limit() -> dict:
-        "Measure the plain matmul rate again; the limit is the best rate seen so far in this run (a slow moment of a"
-        " shared machine must not make the other numbers look closer to it)."
+        # the limit is the best rate seen so far in this run: a slow moment of a shared machine must not make the
+        # other numbers look closer to it
         r = matmul_rate(device, torch.float32)
         res["matmul_float32_samples"].append(dict(r, at=now()))
         res["matmul_float32"] = max(res["matmul_float32_samples"], key=lambda x: x["flops_per_s"])
