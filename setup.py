@@ -24,6 +24,7 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_requirements', ''))
 min_python = cfg['min_python']
+test_requirements = shlex.split(cfg.get('test_requirements') or '')
 dev_requirements = shlex.split(cfg.get('dev_requirements') or '')
 demo_requirements = shlex.split(cfg.get('demo_requirements') or '')
 docs_requirements = shlex.split(cfg.get('docs_requirements') or '')
@@ -41,8 +42,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements + demo_requirements + docs_requirements, 'demo': demo_requirements,
-                    'docs': docs_requirements},
+    extras_require={'dev': dev_requirements + test_requirements + demo_requirements + docs_requirements,
+                    'test': test_requirements + demo_requirements, 'demo': demo_requirements, 'docs': docs_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -170,12 +170,9 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]], title: str | None 
 
 
 def write_json(path: Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    "The results as JSON, written atomically (unifiededit.store); values JSON lacks (devices, dtypes) as text."
+    from unifiededit.store import write_text_atomic
+    return write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def ratio(a, b):

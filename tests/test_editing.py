@@ -26,7 +26,7 @@ def setup(family):
 
 def stats_for(model, tok, layers):
     "C0 from 4,000 tokens sampled from the model itself: enough keys to span d_in = 256 directions."
-    corpus = model_sampled_corpus(model, tok, 4000, seed=0, max_new_tokens=128)
+    corpus = model_sampled_corpus(model, tok, 4000, seed=0, length=128)
     return collect_key_stats(model, tok, layers, corpus, n_tokens=4000, max_length=128, progress=False)
 
 
@@ -134,6 +134,50 @@ def test_edit_through_accelerate_dispatch_matches_plain_model():
         results.append(e.deltas)
     for l in results[0]:
         torch.testing.assert_close(results[0][l], results[1][l], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_edit_of_accelerate_offloaded_layers_matches_unsplit(offload, tmp_path):
+    """A model whose edited blocks accelerate keeps off the device (parameters on `meta`, values in CPU memory or on
+    disk) is fingerprinted, measured and edited like the same model in one piece; the edit lands where the forward
+    pass reads the weights, and reverts bit for bit."""
+    from accelerate import cpu_offload, dispatch_model
+    from unifiededit.models import parameter_value
+    from unifiededit.store import model_fingerprint
+    out = {}
+    for split in (False, True):
+        model, tok = setup("llama")
+        hp = ue.HParams.for_model(model, "memit", v_num_grad_steps=10)
+        if split:
+            blocks = [f"model.layers.{l}" for l in hp.layers]
+            if offload == "disk":
+                dm = {n: ("disk" if n in blocks else "cpu") for n in
+                      ["model.embed_tokens", *[f"model.layers.{i}" for i in range(4)], "model.norm", "model.rotary_emb", "lm_head"]}
+                model = dispatch_model(model, device_map=dm, main_device="cpu", offload_dir=str(tmp_path / "off"))
+            else:
+                for b in blocks: cpu_offload(model.get_submodule(b), execution_device="cpu")
+            assert all(model.get_submodule(b).mlp.down_proj.weight.device.type == "meta" for b in blocks)
+        names = [f"model.layers.{l}.mlp.down_proj.weight" for l in hp.layers]
+        before = {n: parameter_value(model, n).clone() for n in names}
+        ids = tok(["The Eiffel Tower is", "LeBron James plays"], return_tensors="pt", padding=True)
+        with torch.no_grad(): logits0 = model(**ids).logits
+        st = stats_for(model, tok, hp.layers)
+        e = ue.edit(model, tok, REQUESTS, hparams=hp, stats=st, progress=False)
+        with torch.no_grad(): logits1 = model(**ids).logits
+        after = {n: parameter_value(model, n).clone() for n in names}
+        e.revert()
+        with torch.no_grad(): logits2 = model(**ids).logits
+        assert all(torch.equal(parameter_value(model, n), before[n]) for n in names)      # revert: bit for bit
+        assert torch.equal(logits2, logits0)
+        out[split] = dict(fp=model_fingerprint(model), C0={l: st[l].mom2 for l in hp.layers}, deltas=e.deltas,
+                          after=after, logits0=logits0, logits1=logits1)
+    a, b = out[False], out[True]
+    assert a["fp"] == b["fp"]                                                  # fingerprint reads offloaded values
+    for l in a["C0"]: torch.testing.assert_close(b["C0"][l], a["C0"][l], rtol=1e-6, atol=1e-9)
+    for l in a["deltas"]: torch.testing.assert_close(b["deltas"][l], a["deltas"][l], rtol=1e-4, atol=1e-6)
+    for n in a["after"]: torch.testing.assert_close(b["after"][n], a["after"][n], rtol=1e-5, atol=1e-6)  # written
+    torch.testing.assert_close(b["logits1"], a["logits1"], rtol=1e-4, atol=1e-5)   # the edit is what the model uses
+    assert (a["logits1"] - a["logits0"]).abs().max() > 1e-2                        # and it changed the outputs
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Tests for unifiededit.pretrained: content hashing, the atomic verified cache, GGUF loading, fingerprints, generation.
+"""Tests for unifiededit.pretrained: content hashing, the atomic verified cache, GGUF loading, generation.
 
 Everything except the `slow` tests runs on a tiny GGUF written in the test (a few seconds). The slow tests load the
 real SmolLM2 wheel through the cache (a cold cache converts the GGUF: 20-60 s; a warm reload ~1 s).
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from unifiededit.pretrained import (PRETRAINED, GGUFWheel, cached_dir, content_sha256, default_model_cache_dir,
-                                    greedy_generate, gguf_wheel_files, load_pretrained, model_id, probe_facts,
-                                    read_manifest, verify_cache_dir, weights_fingerprint, write_tiny_gguf,
-                                    answer_matches)
+                                    greedy_generate, gguf_wheel_files, load_pretrained, probe_facts,
+                                    read_manifest, verify_cache_dir, write_tiny_gguf, answer_matches)
+from unifiededit.store import model_fingerprint
 
 
 # ---------------------------------------------------------------- fixtures
@@ -31,15 +31,6 @@ def tiny_gguf(tmp_path_factory):
 def tiny_loaded(tiny_gguf, tmp_path_factory):
     path, _ = tiny_gguf
     return load_pretrained(path, cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
-
-
-def _tiny_llama(seed=0, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False).to(dtype)
 
 
 def _entries(root: Path):
@@ -248,72 +239,6 @@ def test_hub_id_unreachable_gives_clear_error(monkeypatch):
         load_pretrained("unifiededit-test/no-such-model")
 
 
-# ---------------------------------------------------------------- fingerprint
-def test_fingerprint_deterministic_and_weight_sensitive():
-    m = _tiny_llama()
-    fp = weights_fingerprint(m)
-    assert fp == weights_fingerprint(m) == weights_fingerprint(_tiny_llama())
-    assert fp != weights_fingerprint(_tiny_llama(seed=1))
-    assert fp != weights_fingerprint(_tiny_llama(dtype=torch.bfloat16))
-    assert len(weights_fingerprint(_tiny_llama(dtype=torch.bfloat16))) == 64
-
-
-@pytest.mark.parametrize("kw", [{}, {"max_full_numel": 0, "n_samples": 61}], ids=["whole", "sampled"])
-@pytest.mark.parametrize("layer", [0, 2])
-def test_rank_one_edit_of_down_proj_changes_fingerprint(kw, layer):
-    m = _tiny_llama()
-    before = weights_fingerprint(m, **kw)
-    W = m.model.layers[layer].mlp.down_proj.weight                  # (d_model, d_mlp)
-    g = torch.Generator().manual_seed(layer)
-    u, v = torch.randn(W.shape[0], 1, generator=g), torch.randn(W.shape[1], 1, generator=g)
-    orig = W.clone()
-    W += 1e-3 * (u @ v.T)
-    assert weights_fingerprint(m, **kw) != before
-    W.copy_(orig)
-    assert weights_fingerprint(m, **kw) == before
-
-
-def test_whole_tensor_hashing_catches_a_single_ulp():
-    m = _tiny_llama()
-    before = weights_fingerprint(m)
-    W = m.model.layers[1].mlp.down_proj.weight
-    W[5, 11] = torch.nextafter(W[5, 11], torch.tensor(10.0))
-    assert weights_fingerprint(m) != before
-
-
-def test_sampled_fingerprint_reaches_every_row():
-    "A change confined to any one row of a sampled matrix is seen (stride coprime to the row length, >= 1 per row)."
-    m = _tiny_llama()
-    E = m.model.embed_tokens.weight                                  # (300, 64): sampled when max_full_numel=0
-    kw = {"max_full_numel": 0, "n_samples": E.shape[0]}
-    before = weights_fingerprint(m, **kw)
-    for r in (0, 137, E.shape[0] - 1):
-        orig = E[r].clone()
-        E[r] += 1e-2
-        assert weights_fingerprint(m, **kw) != before, r
-        E[r] = orig
-    assert weights_fingerprint(m, **kw) == before
-
-
-def test_fingerprint_ignores_buffers_and_counts_tied_once():
-    m = _tiny_llama()
-    fp = weights_fingerprint(m)
-    names = [n for n, _ in m.named_parameters()]
-    assert "lm_head.weight" not in names                             # tied: hashed once, as the embedding
-    m.register_buffer("scratch", torch.zeros(3))
-    m.scratch += 1
-    assert weights_fingerprint(m) == fp
-
-
-def test_model_id_format():
-    m = _tiny_llama()
-    fp = weights_fingerprint(m)
-    assert model_id(m, "HuggingFaceTB/SmolLM2-135M") == f"HuggingFaceTB--SmolLM2-135M--{fp[:16]}"
-    assert model_id(m, "a b/c", digits=8) == f"a_b--c--{fp[:8]}"
-    m.config._name_or_path = "smollm2-135m-instruct"
-    assert model_id(m) == f"smollm2-135m-instruct--{fp[:16]}"
-
-
 # ---------------------------------------------------------------- generation
 def test_greedy_generate_left_padding_matches_single(tiny_loaded):
     model, tok = tiny_loaded
@@ -371,12 +296,12 @@ def test_smollm2_through_cache():
     out = greedy_generate(model, tok, ["The Eiffel Tower is located in the city of", "The capital of Japan is"], 3)
     assert answer_matches(out[0], "Paris") and answer_matches(out[1], "Tokyo"), out
     t0 = time.perf_counter()
-    fp = weights_fingerprint(model)
+    fp = model_fingerprint(model)
     fp_s = time.perf_counter() - t0
     print(f"SmolLM2 warm reload {reload_s:.2f} s, fingerprint {fp_s:.2f} s")
     W = model.model.layers[5].mlp.down_proj.weight
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(W.shape[0], 1, generator=g) @ torch.randn(1, W.shape[1], generator=g) * 1e-4
     W += delta
-    assert weights_fingerprint(model) != fp
+    assert model_fingerprint(model) != fp
     assert reload_s < 10

@@ -182,7 +182,7 @@ def test_value_cache_hit_is_identical_and_corrupt_entry_is_recomputed(setup, tmp
     from safetensors import safe_open
     with safe_open(str(p1), framework="pt") as f: meta = f.metadata()
     save_file(tensors, str(p1), metadata=meta)
-    with pytest.warns(UserWarning, match="corrupt target-value cache entry"):
+    with pytest.warns(UserWarning, match="target-value cache: unusable entry"):
         tv3 = sw.cached_target_values(m, t, reqs, LAYER, tmpl, hp, hook="rewrite", cache=cache)
     assert (cache.corrupt, cache.computed) == (2, 5)
     alone = compute_target_values(m, t, reqs[:2], LAYER, tmpl, hook="rewrite", v_num_grad_steps=STEPS, progress=False)

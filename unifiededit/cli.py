@@ -33,33 +33,28 @@ def _print_table(rows, out):
 
 
 def run_demo(model: str = "smollm2-135m-instruct", method: str = "emmet", corpus: str | None = None,
-             n_tokens: int | str = 20_000, cache_dir: str | None = None, max_new_tokens: int = 6,
+             n_tokens: int | str = 8_192, cache_dir: str | None = None, max_new_tokens: int = 6,
              seed: int = 0, out=print) -> dict:
     "Edit the Eiffel Tower into Rome on a real model, show before/after, revert; returns what it measured."
     from unifiededit.editing import edit
     from unifiededit.hparams import HParams
+    from unifiededit.models import execution_device
     from unifiededit.pretrained import greedy_generate, load_pretrained
-    from unifiededit.stats import default_corpus
     t0 = time.perf_counter()
-    out(f"[1/5] loading {model} (the first run converts the GGUF once and caches it)")
-    m, tok = load_pretrained(model, cache_dir=cache_dir and Path(cache_dir) / "models")
+    out(f"[1/4] loading {model} (the first run converts the GGUF once and caches it)")
+    m, tok = load_pretrained(model, cache_dir=_cache(cache_dir, "models"))
     out(f"      loaded in {time.perf_counter() - t0:.1f}s: {type(m).__name__}, "
-        f"{sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters, on {next(m.parameters()).device}")
+        f"{sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters, on {execution_device(m)}")
     hp = HParams.for_model(m, method, seed=seed, mom2_n_tokens=n_tokens)
-    out(f"[2/5] corpus for the key statistics of layer(s) {hp.layers}")
-    corp = default_corpus(m, tok, path=corpus, n_tokens=n_tokens if isinstance(n_tokens, int) else None,
-                          seed=seed, verbose=False)
-    out(f"      using {corp.description}, {n_tokens:,} tokens" if isinstance(n_tokens, int) else f"      using {corp.description}")
     prompts = [DEMO_REQUEST["prompt"].format(DEMO_REQUEST["subject"])] + DEMO_PARAPHRASES + DEMO_UNRELATED
-    out("[3/5] greedy continuations before the edit")
+    out("[2/4] greedy continuations before the edit")
     before = greedy_generate(m, tok, prompts, max_new_tokens)
-    out(f"[4/5] editing with {method.upper()}: {DEMO_REQUEST['subject']} -> {DEMO_REQUEST['target_new']['str']}")
-    stats_cache = Path(cache_dir) / "stats" if cache_dir else None
-    e = edit(m, tok, [DEMO_REQUEST], hparams=hp, corpus=corp, cache_dir=stats_cache or _default_stats_dir(),
-             progress=True)
+    out(f"[3/4] editing layer(s) {hp.layers} with {method.upper()}: {DEMO_REQUEST['subject']} -> "
+        f"{DEMO_REQUEST['target_new']['str']} (key statistics, target values, closed-form update)")
+    e = edit(m, tok, [DEMO_REQUEST], hparams=hp, corpus=corpus, cache_dir=_cache(cache_dir, "stats"), progress=True)
     after = greedy_generate(m, tok, prompts, max_new_tokens)
     kinds = ["edited"] + ["paraphrase"] * len(DEMO_PARAPHRASES) + ["unrelated"] * len(DEMO_UNRELATED)
-    out("[5/5] before -> after")
+    out("[4/4] before -> after")
     _print_table([(f"{k:10s} {p}", b, a) for k, p, b, a in zip(kinds, prompts, before, after)], out)
     times = e.diagnostics["times"]
     out("      " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
@@ -73,64 +68,107 @@ def run_demo(model: str = "smollm2-135m-instruct", method: str = "emmet", corpus
             "edit": e, "deltas": snapshot}
 
 
-def _default_stats_dir() -> Path:
-    from unifiededit.pretrained import cache_root
-    return cache_root() / "stats"
+def _cache(cache_dir: str | None, what: str) -> Path:
+    "`cache_dir/what`, or the package's cache root (`$UNIFIEDEDIT_CACHE`, chapter 2) when no folder is given."
+    from unifiededit.store import cache_root
+    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / what
 
 # %% ../nbs/11_cli.ipynb #c430731d
 def run_edit(args, out=print) -> dict:
+    "`unifiededit edit`: load, edit one fact, show continuations before and after, optionally save the edit."
     from unifiededit.editing import edit
     from unifiededit.hparams import HParams
     from unifiededit.pretrained import greedy_generate, load_pretrained
-    from unifiededit.stats import default_corpus
-    m, tok = load_pretrained(args.model, cache_dir=args.cache_dir and Path(args.cache_dir) / "models")
+    m, tok = load_pretrained(args.model, cache_dir=_cache(args.cache_dir, "models"))
     overrides = {"seed": args.seed}
-    if args.layers: overrides["layers"] = [int(x) for x in args.layers.split(",")]
+    if args.layers: overrides["layers"] = _int_list(args.layers, "--layers")
     if args.n_tokens is not None: overrides["mom2_n_tokens"] = args.n_tokens
     hp = (HParams.from_file(args.hparams, method=args.method).replace(**overrides) if args.hparams
           else HParams.for_model(m, args.method, **overrides))
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": {"str": args.target}}
     prompts = [args.prompt.format(args.subject)] + list(args.generate or [])
     before = greedy_generate(m, tok, prompts, args.max_new_tokens)
-    corp = default_corpus(m, tok, path=args.corpus, n_tokens=hp.mom2_n_tokens if isinstance(hp.mom2_n_tokens, int) else None,
-                          seed=args.seed)
-    stats_cache = Path(args.cache_dir) / "stats" if args.cache_dir else _default_stats_dir()
-    e = edit(m, tok, [request], hparams=hp, corpus=corp, cache_dir=stats_cache, progress=True)
+    e = edit(m, tok, [request], hparams=hp, corpus=args.corpus, cache_dir=_cache(args.cache_dir, "stats"),
+             progress=True)
     after = greedy_generate(m, tok, prompts, args.max_new_tokens)
     _print_table([(p, b, a) for p, b, a in zip(prompts, before, after)], out)
     if args.save:
-        out(f"saved the edit to {e.save(args.save)}")
+        out(f"saved the edit to {e.save(args.save)} (apply it with ue.Edit.load(path).apply(model) to the unedited model)")
     return {"before": before, "after": after, "edit": e}
 
+
+def _int_list(s: str, option: str) -> list[int]:
+    try: return [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError: raise ValueError(f"{option} takes comma-separated integers, got {s!r}") from None
+
 # %% ../nbs/11_cli.ipynb #fc2f9c40
+_CORPUS_HELP = ("UTF-8 text file for the key statistics C0, one document per line, e.g. WikiText-2's wiki.test.raw "
+                "(from the `wikitext-2-raw-v1` archive of the WikiText dataset, Merity et al. 2016). Without it: "
+                "WikiText through `datasets` when the Hugging Face hub answers, else text sampled from the model")
+_NTOK_HELP = ("tokens of the corpus for C0: an integer, 'min' (10 x the key size) or 'auto' ('min' for text sampled from "
+              "the model, 100,000 tokens of a real corpus)")
+
+
+def _n_tokens(s: str):
+    if s in ("min", "auto"): return s
+    try: n = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, 'min' or 'auto', got {s!r}") from None
+    if n < 1: raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {n}")
+    return n
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    "Shows an option's default, except where it has none (None, False) or its help already says it."
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""): return action.help
+        return super()._get_help_string(action)
+
+
+def _subparser(sub, name: str, help: str, description: str, epilog: str = ""):
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_Help)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unifiededit", description="ROME, MEMIT and EMMET model editing.")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="edit SmolLM2-135M-Instruct: the Eiffel Tower moves to Rome")
-    d.add_argument("--model", default="smollm2-135m-instruct")
-    d.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"])
-    d.add_argument("--corpus", default=None, help="text file for the key statistics (default: WikiText or model-sampled text)")
-    d.add_argument("--n-tokens", type=int, default=20_000, help="tokens of the corpus for the key statistics")
-    d.add_argument("--cache-dir", default=None, help="cache root (default: ~/.cache/unifiededit)")
-    d.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("edit", help="write one fact into a model")
-    e.add_argument("--model", required=True, help="short name, .gguf file, local folder or hub id")
-    e.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"])
+    p = argparse.ArgumentParser(prog="unifiededit", description="ROME, MEMIT and EMMET model editing, derived from one "
+                                "preservation-memorization objective. Run `unifiededit COMMAND --help` for each command.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = _subparser(sub, "demo", "edit SmolLM2-135M-Instruct: the Eiffel Tower moves to Rome",
+                   "Edit 'The Eiffel Tower is located in the city of' -> Rome on a real model, show greedy "
+                   "continuations before and after (the edited prompt, paraphrases, unrelated facts), then revert.")
+    d.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
+    d.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"], help="editing method")
+    d.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    d.add_argument("--n-tokens", type=_n_tokens, default=8_192, help=_NTOK_HELP)
+    d.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    e = _subparser(sub, "edit", "write one fact into a model",
+                   "Write one fact into a model: PROMPT with {} for SUBJECT should continue with TARGET. Shows greedy "
+                   "continuations before and after; --save writes the edit (deltas, settings, checksum) to a file.",
+                   "example: unifiededit edit --model smollm2-135m-instruct --prompt '{} plays the sport of' "
+                   "--subject 'LeBron James' --target football --generate 'LeBron James is famous for'")
+    e.add_argument("--model", required=True, help="short name (smollm2-135m-instruct, gemma3-270m), .gguf file, local "
+                   "model folder or hub id")
+    e.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"], help="editing method")
     e.add_argument("--prompt", required=True, help="prompt with {} where the subject goes")
-    e.add_argument("--subject", required=True)
+    e.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
     e.add_argument("--target", required=True, help="the new object, e.g. Rome")
-    e.add_argument("--hparams", default=None, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file")
-    e.add_argument("--layers", default=None, help="comma-separated layers (overrides hparams)")
-    e.add_argument("--corpus", default=None)
-    e.add_argument("--n-tokens", type=int, default=None)
-    e.add_argument("--cache-dir", default=None)
-    e.add_argument("--generate", nargs="*", help="extra prompts to continue before and after")
-    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--hparams", default=None, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file "
+                   "(default: per-model defaults, HParams.for_model)")
+    e.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the hyper-parameters)")
+    e.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    e.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: the hyper-parameters', 'auto')")
+    e.add_argument("--cache-dir", default=None, help="cache root for converted models and key statistics "
+                   "(default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit); statistics are reused by later edits")
+    e.add_argument("--generate", nargs="*", default=[], help="extra prompts to continue before and after")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated per prompt")
     e.add_argument("--save", default=None, help="write the edit to this .safetensors file")
-    e.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("sweep", help="edit dataset records at several batch sizes with ROME/MEMIT/EMMET (resumable)",
-                       description="Batch-size sweep (chapter 12): results are written per batch to --out; an "
-                                   "interrupted sweep continues when the same command is run again.")
+    e.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    s = _subparser(sub, "sweep", "edit dataset records at several batch sizes with ROME/MEMIT/EMMET (resumable)",
+                   "Batch-size sweep (chapter 12): every (method, layer mode, batch size) edits the same sampled "
+                   "records, evaluates them (ES/PS/NS) and writes one JSON file per batch to --out; target values are "
+                   "cached; an interrupted sweep continues when the same command is run again.",
+                   "example: unifiededit sweep --data counterfact.json --out results/sweep --corpus wiki.test.raw "
+                   "--batch-sizes 1,16,64 --layer-modes single --plot sweep.png")
     s.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected)")
     s.add_argument("--out", required=True, help="results folder (resumed if it exists)")
     s.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
@@ -139,23 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes")
     s.add_argument("--layer-modes", default="single,multi", help="comma-separated: single, multi")
     s.add_argument("--single-layer", type=int, default=None, help="layer of the single-layer mode (default: per model)")
-    s.add_argument("--multi-layers", default=None, help="comma-separated layers of the multi-layer mode")
+    s.add_argument("--multi-layers", default=None, help="comma-separated layers of the multi-layer mode (default: per model)")
     s.add_argument("--sequential", action="store_true", help="accumulate batches instead of restoring the weights")
-    s.add_argument("--sequential-eval", default="all", choices=["all", "batch"])
-    s.add_argument("--corpus", default=None, help="text file for the key statistics (default: WikiText or model-sampled text)")
-    s.add_argument("--n-tokens", type=int, default=None, help="corpus tokens for the key statistics (default 100,000)")
+    s.add_argument("--sequential-eval", default="all", choices=["all", "batch"],
+                   help="sequential mode: evaluate every edit so far after each batch, or only the batch's")
+    s.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    s.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: 'auto')")
     s.add_argument("--mom2-update-weight", type=float, default=None, help="lambda in C = lambda*C0 (default 1, for a mean C0)")
     s.add_argument("--emmet-lambda", type=float, default=None, help="EMMET's ridge alpha for B > 1 (default 0.1)")
     s.add_argument("--emmet-lambda-b1", default="0", help="EMMET's alpha at B = 1 (authors: 0); 'same' = --emmet-lambda")
     s.add_argument("--max-batches", type=int, default=None, help="at most this many batches per configuration")
     s.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
-    s.add_argument("--eval-batch-size", type=int, default=32)
+    s.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation batch")
     s.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
     s.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     s.add_argument("--plot", default=None, help="save the score plot to this image file (and *_diagnostics next to it)")
     s.add_argument("--overwrite", action="store_true", help="discard results of different settings in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the record sample, templates and sampled text")
     return p
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .store import atomic_write, cache_root, clean_stale_temps
 
 # %% auto #0
 __all__ = ['DATA_ROOT_URL', 'REMOTE_FILES', 'FORMATS', 'default_cache_dir', 'fetch', 'resolve_path', 'EditRecord',
@@ -30,9 +31,9 @@ REMOTE_FILES = ("counterfact.json", "multi_counterfact.json", "zsre_mend_eval.js
 
 
 def default_cache_dir() -> Path:
-    "Folder for downloaded data: `$UNIFIEDEDIT_DATA` if set, else `~/.cache/unifiededit/data`."
+    "Folder for downloaded data: `$UNIFIEDEDIT_DATA` if set, else `cache_root() / 'data'` (chapter 2)."
     env = os.environ.get("UNIFIEDEDIT_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unifiededit" / "data"
+    return Path(env).expanduser() if env else cache_root() / "data"
 
 # %% ../nbs/09_data.ipynb #8c67ee0f
 def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: str = DATA_ROOT_URL,
@@ -46,27 +47,22 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: st
     dest = cache / name
     if dest.is_file(): return dest
     url = f"{base_url.rstrip('/')}/{name}"
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
+    clean_stale_temps(cache)                                    # partial downloads of killed runs
+
+    def download(tmp: Path):
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
             expected = resp.headers.get("Content-Length")
             n = 0
             while block := resp.read(1 << 20):
                 f.write(block); n += len(block)
-            f.flush(); os.fsync(f.fileno())
         if expected is not None and n != int(expected):
             raise ConnectionError(f"download of {url} stopped after {n} of {expected} bytes")
-        os.replace(tmp, dest)
+    try:
+        return atomic_write(dest, download)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        Path(tmp).unlink(missing_ok=True)
         raise ConnectionError(
             f"could not download {url} ({e}). If this machine is offline, download that file elsewhere and pass "
             f"its local path instead (e.g. path='.../{name}'), or put it at {dest}.") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
 
 
 def resolve_path(path: str | os.PathLike | None, name: str, cache_dir: str | os.PathLike | None = None) -> Path:

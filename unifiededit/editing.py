@@ -5,10 +5,7 @@
 # %% ../nbs/07_editing.ipynb #8cacf5e4
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,24 +16,22 @@ import torch
 from .hooks import Trace
 from .hparams import HParams
 from .keys import ContextTemplates, EditRequest, compute_keys, subject_activations
-from .models import ModelAdapter
+from .models import ModelAdapter, eval_mode, parameter_value, set_parameter_value
 from .objective import emmet_update, memit_update, rome_update
 from .stats import collect_key_stats
-from .values import TargetValues, compute_target_values
+from .store import load_tensors, model_fingerprint, save_tensors
+from .values import TargetValues, compute_target_values, fitting_value_prompts
 
 # %% auto #0
-__all__ = ['Edit', 'edit', 'adapter_names']
+__all__ = ['EDIT_FORMAT', 'Edit', 'edit', 'adapter_names']
 
 # %% ../nbs/07_editing.ipynb #ab3dd1ce
-def _rewrite_param(adapter: ModelAdapter, layer: int) -> torch.nn.Parameter:
-    return adapter.module("rewrite", layer).weight
-
-
 @torch.no_grad()
-def _write(param: torch.nn.Parameter, delta: torch.Tensor, transposed: bool):
-    "param ← param + Δ, summed in float64 and rounded once; Δ is (d_out, d_in), param may store Wᵀ (GPT-2 Conv1D)."
-    d = delta.to(param.device, torch.float64)
-    param.copy_((param.double() + (d.T if transposed else d)).to(param.dtype))
+def _write(adapter: ModelAdapter, layer: int, delta: torch.Tensor):
+    """W ← W + Δ for layer `layer`, summed in float64 and rounded once to W's dtype; Δ is (d_out, d_in). Written where
+    the model reads W, an accelerate-offloaded weight included (chapter 1)."""
+    W = adapter.read_weight(layer)
+    adapter.write_weight(layer, (W.double() + delta.to(W.device, torch.float64)).to(W.dtype))
 
 
 @dataclass
@@ -52,9 +47,10 @@ class Edit:
     requests: list[dict] = field(default_factory=list)
     hparams: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
+    base_fingerprint: str | None = None             # `model_fingerprint` of the weights the edit was computed on
     model: Any = field(default=None, repr=False)
     values: Any = field(default=None, repr=False)   # the TargetValues of chapter 5 (not saved)
-    _originals: dict | None = field(default=None, repr=False)
+    _originals: dict | None = field(default=None, repr=False)   # parameter name -> its values before `apply`
 
     @property
     def layers(self) -> list[int]: return sorted(self.deltas)
@@ -62,12 +58,10 @@ class Edit:
     @property
     def applied(self) -> bool: return self._originals is not None
 
-    def _targets(self, model):
-        "(layer, parameter, transposed) for every edited layer, checked against the deltas before anything is written."
-        overrides = {k: self.hparams[k] for k in ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp",
-                     "attn_module_tmp", "ln_f_module", "lm_head_module") if self.hparams.get(k)}
+    def _adapter(self, model) -> ModelAdapter:
+        "The model's adapter, checked against the deltas (module names, shapes) before anything is written."
+        overrides = {k: self.hparams[k] for k in _MODULE_FIELDS if self.hparams.get(k)}
         adapter = ModelAdapter.from_model(model, **overrides)
-        out = []
         for layer, delta in sorted(self.deltas.items()):
             name = adapter.name("rewrite", layer)
             if name != self.module_names[layer]:
@@ -76,69 +70,83 @@ class Edit:
             if tuple(adapter.weight(layer).shape) != tuple(delta.shape):
                 raise ValueError(f"layer {layer}: delta shape {tuple(delta.shape)} does not match weight "
                                  f"{tuple(adapter.weight(layer).shape)} of {name}")
-            out.append((layer, _rewrite_param(adapter, layer), adapter.is_transposed(layer)))
-        return out
+        return adapter
 
-    def apply(self, model=None) -> "Edit":
-        "Write W + Δ into `model` (default: the model it was computed on), keeping the originals for `revert`."
+    def apply(self, model=None, *, check_base: bool = True) -> "Edit":
+        """Write W + Δ into `model` (default: the model it was computed on), keeping the originals for `revert`.
+        An edit that knows its base weights (a saved one) refuses a model whose weights differ — another model, or
+        one that already carries this or another edit — unless `check_base=False`."""
         if self.applied: raise RuntimeError("this edit is already applied; revert() it first")
         model = model if model is not None else self.model
         if model is None: raise ValueError("no model: pass the model to apply this edit to")
-        targets = self._targets(model)
-        originals = {layer: p.detach().clone() for layer, p, _ in targets}
-        for layer, p, transposed in targets: _write(p, self.deltas[layer], transposed)
+        adapter = self._adapter(model)
+        if check_base and self.base_fingerprint is not None:
+            fp = model_fingerprint(model)
+            if fp != self.base_fingerprint:
+                raise ValueError(f"this edit was computed on weights with fingerprint {self.base_fingerprint}, this model's "
+                                 f"are {fp}: another model, or one that already carries this or another edit. Apply "
+                                 "it to the model it was made for (reverted first), or pass check_base=False")
+        originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in self.layers}
+        for layer in self.layers: _write(adapter, layer, self.deltas[layer])
         self.model, self._originals = model, originals
         return self
 
     def revert(self) -> "Edit":
         "Restore the edited weights bit for bit."
         if not self.applied: raise RuntimeError("this edit is not applied; nothing to revert")
-        with torch.no_grad():
-            for layer, p, _ in self._targets(self.model): p.copy_(self._originals[layer])
+        for name, w in self._originals.items(): set_parameter_value(self.model, name, w)
         self._originals = None
         return self
-
-    def save(self, path) -> Path:
-        "Write the deltas and the metadata to one safetensors file, atomically."
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"delta.{l}": d.detach().to("cpu", torch.float32).contiguous() for l, d in self.deltas.items()}
-        meta = {"format": "unifiededit.Edit/1", "method": self.method,
-                "module_names": json.dumps({str(k): v for k, v in self.module_names.items()}),
-                "requests": json.dumps(self.requests), "hparams": json.dumps(self.hparams, default=str),
-                "diagnostics": json.dumps(self.diagnostics, default=str)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.remove(tmp)
-        return path
-
-    @classmethod
-    def load(cls, path) -> "Edit":
-        "Read an edit saved with `save` (not applied to any model yet)."
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "unifiededit.Edit/1":
-                raise ValueError(f"{path} is not a unifiededit edit file (format={meta.get('format')!r})")
-            deltas = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys()}
-        return cls(method=meta["method"], deltas=deltas,
-                   module_names={int(k): v for k, v in json.loads(meta["module_names"]).items()},
-                   requests=json.loads(meta["requests"]), hparams=json.loads(meta["hparams"]),
-                   diagnostics=json.loads(meta["diagnostics"]))
 
     def __repr__(self) -> str:
         norms = ", ".join(f"{l}: {float(self.deltas[l].norm()):.3g}" for l in self.layers)
         return (f"Edit({self.method}, {len(self.requests)} request(s), layers {self.layers}, ‖Δ‖ {{{norms}}}, "
                 f"{'applied' if self.applied else 'not applied'})")
 
+# %% ../nbs/07_editing.ipynb #313f08ef
+EDIT_FORMAT = "unifiededit.Edit/2"
+_MODULE_FIELDS = ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+                  "lm_head_module")
+
+
+def _base_fingerprint(e: Edit) -> str | None:
+    "The fingerprint of the weights `e` was computed on (see above), or None when no model is known."
+    if e.base_fingerprint is not None or e.model is None: return e.base_fingerprint
+    return model_fingerprint(e.model, replace=e._originals if e.applied else None)
+
+
+def _save(self: Edit, path) -> Path:
+    "Write the deltas and the metadata to one checksummed safetensors file, atomically."
+    self.base_fingerprint = _base_fingerprint(self)
+    meta = {"format": EDIT_FORMAT, "method": self.method, "base_fingerprint": self.base_fingerprint,
+            "module_names": {str(k): v for k, v in self.module_names.items()}, "requests": self.requests,
+            "hparams": self.hparams, "diagnostics": self.diagnostics}
+    return save_tensors(path, {f"delta.{l}": d.to(torch.float32) for l, d in self.deltas.items()}, meta)
+
+
+def _load(cls, path) -> Edit:
+    "Read an edit written by `save` (not applied to any model yet); the file's checksum and fields are verified."
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != EDIT_FORMAT:
+        raise ValueError(f"{path} is not a unifiededit edit file (format={meta.get('format')!r}, expected {EDIT_FORMAT})")
+    missing = [k for k in ("method", "module_names", "requests", "hparams", "diagnostics", "base_fingerprint") if k not in meta]
+    if missing: raise ValueError(f"{path}: the edit file lacks the field(s) {missing}")
+    deltas = {int(k.split(".")[1]): t for k, t in tensors.items()}
+    names = {int(k): v for k, v in meta["module_names"].items()}
+    if set(names) != set(deltas):
+        raise ValueError(f"{path}: module_names cover layers {sorted(names)}, the deltas layers {sorted(deltas)}")
+    return cls(method=meta["method"], deltas=deltas, module_names=names, requests=meta["requests"],
+               hparams=meta["hparams"], diagnostics=meta["diagnostics"], base_fingerprint=meta["base_fingerprint"])
+
+
+Edit.save, Edit.load = _save, classmethod(_load)
+
 # %% ../nbs/07_editing.ipynb #77606e24
 def _check_requests(requests: Sequence, tok, method: str, emmet_lambda: float) -> list[EditRequest]:
     if isinstance(requests, (dict, EditRequest)): requests = [requests]
+    if not isinstance(requests, (list, tuple)):
+        raise TypeError(f"requests must be a request (a dict like {{'prompt': '{{}} is in', 'subject': ..., 'target_new': "
+                        f"{{'str': ...}}}} or an EditRequest) or a list of them, got {type(requests).__name__}: {requests!r}")
     reqs = [EditRequest.from_any(r) for r in requests]
     if not reqs: raise ValueError("no edit requests given")
     for r in reqs: r.validate(tok)
@@ -241,69 +249,72 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     reqs = _check_requests(requests, tok, method, hp.emmet_lambda)
     hook = _value_hook(hp)
     times = {}
+    with eval_mode(model):                                 # no dropout anywhere; the caller's mode comes back
 
-    # 1. statistics
-    t = time.perf_counter()
-    if not hp.mom2_adjustment:
-        C0 = {l: torch.eye(adapter.d_in(l), dtype=torch.float64) for l in hp.layers}
-    else:
-        if stats is None:
-            stats = collect_key_stats(model, tok, hp.layers, corpus, n_tokens=hp.mom2_n_tokens,
-                                      max_length=hp.mom2_max_length, cache=cache_dir, adapter=adapter,
-                                      progress=progress, seed=hp.seed)
-        C0 = _check_stats(stats, adapter, hp.layers)
-    times["stats"] = time.perf_counter() - t
+        # 1. context templates (every prompt is then checked against the model's positions, before any work)
+        t = time.perf_counter()
+        if templates is None:
+            start = {"start_words": (None,)} if method == "rome" else {}  # upstream ROME samples from BOS, MEMIT from words
+            templates = ContextTemplates.generate(model, tok, hp.context_template_length_params, seed=hp.seed, **start)
+        templates = ContextTemplates.coerce(templates)
+        fitting_value_prompts(model, tok, reqs, templates)
+        times["templates"] = time.perf_counter() - t
 
-    # 2. context templates and target values at the last edited layer
-    t = time.perf_counter()
-    if templates is None:
-        start = {"start_words": (None,)} if method == "rome" else {}    # upstream ROME samples from BOS, MEMIT from words
-        templates = ContextTemplates.generate(model, tok, hp.context_template_length_params, seed=hp.seed, **start)
-    templates = ContextTemplates.coerce(templates)
-    times["templates"] = time.perf_counter() - t
-    L = hp.layers[-1]
-    hook_name = adapter.name("layer" if hook == "layer" else "rewrite", L)
-    t = time.perf_counter()
-    if values is not None: tv = _check_values(values, reqs, L, hook, adapter.d_out(L))
-    else:
-        tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
-                                   v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
-                                   kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
-                                   batch_size=hp.v_batch_size, progress=progress)
-    times["values"] = time.perf_counter() - t
-    Z = tv.z.to(torch.float64)                                                          # (E, d_model)
+        # 2. statistics
+        t = time.perf_counter()
+        if not hp.mom2_adjustment:
+            C0 = {l: torch.eye(adapter.d_in(l), dtype=torch.float64) for l in hp.layers}
+        else:
+            if stats is None:
+                stats = collect_key_stats(model, tok, hp.layers, corpus, n_tokens=hp.mom2_n_tokens,
+                                          max_length=hp.mom2_max_length, cache=cache_dir, adapter=adapter,
+                                          progress=progress, seed=hp.seed)
+            C0 = _check_stats(stats, adapter, hp.layers)
+        times["stats"] = time.perf_counter() - t
 
-    # 3. layer by layer: keys, residual, closed-form update, write
-    originals = {l: _rewrite_param(adapter, l).detach().clone() for l in hp.layers}
-    deltas, layer_diag = {}, {}
-    times.update(keys=0.0, solve=0.0, write=0.0)
-    try:
-        for i, layer in enumerate(hp.layers):
-            t = time.perf_counter()
-            K = compute_keys(model, tok, reqs, layer, templates, adapter=adapter, mode=hp.key_mode).to(torch.float64)
-            if i == 0 and len(hp.layers) == 1: H = tv.h.to(torch.float64)               # (E, d): nothing edited yet
-            else:
-                H = subject_activations(model, tok, reqs, hook_name, ContextTemplates.bare(),
-                                        which="output")[:, 0].to(torch.float64)       # (E, d) on the edited model
-            times["keys"] += time.perf_counter() - t
-            R = ((Z.to(H.device) - H) / (len(hp.layers) - i)).T                         # (d_out, E)
-            t = time.perf_counter()
-            C = hp.mom2_update_weight * C0[layer].to(K.device, torch.float64)
-            delta, info = _solve(method, C, K.to(C.device), R.to(C.device), hp.emmet_lambda)
-            times["solve"] += time.perf_counter() - t
-            if not torch.isfinite(delta).all():
-                raise FloatingPointError(f"the update for layer {layer} contains NaN or inf (cond(KᵀC⁻¹K) = "
-                                         f"{_info_dict(info).get('cond', 'n/a')}); nothing was written")
-            t = time.perf_counter()
-            deltas[layer] = delta.detach().to("cpu", torch.float32)     # what is stored is exactly what is written
-            _write(_rewrite_param(adapter, layer), deltas[layer], adapter.is_transposed(layer))
-            times["write"] += time.perf_counter() - t
-            layer_diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()),
-                                 **_info_dict(info)}
-    except BaseException:
-        with torch.no_grad():
-            for l, w in originals.items(): _rewrite_param(adapter, l).copy_(w)
-        raise
+        # 3. target values at the last edited layer
+        L = hp.layers[-1]
+        hook_name = adapter.name("layer" if hook == "layer" else "rewrite", L)
+        t = time.perf_counter()
+        if values is not None: tv = _check_values(values, reqs, L, hook, adapter.d_out(L))
+        else:
+            tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
+                                       v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
+                                       kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
+                                       batch_size=hp.v_batch_size, progress=progress)
+        times["values"] = time.perf_counter() - t
+        Z = tv.z.to(torch.float64)                                                      # (E, d_model)
+
+        # 4. layer by layer: keys, residual, closed-form update, write
+        originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
+        deltas, layer_diag = {}, {}
+        times.update(keys=0.0, solve=0.0, write=0.0)
+        try:
+            for i, layer in enumerate(hp.layers):
+                t = time.perf_counter()
+                K = compute_keys(model, tok, reqs, layer, templates, adapter=adapter, mode=hp.key_mode).to(torch.float64)
+                if i == 0 and len(hp.layers) == 1: H = tv.h.to(torch.float64)           # (E, d): nothing edited yet
+                else:
+                    H = subject_activations(model, tok, reqs, hook_name, ContextTemplates.bare(),
+                                            which="output")[:, 0].to(torch.float64)   # (E, d) on the edited model
+                times["keys"] += time.perf_counter() - t
+                R = ((Z.to(H.device) - H) / (len(hp.layers) - i)).T                     # (d_out, E)
+                t = time.perf_counter()
+                C = hp.mom2_update_weight * C0[layer].to(K.device, torch.float64)
+                delta, info = _solve(method, C, K.to(C.device), R.to(C.device), hp.emmet_lambda)
+                times["solve"] += time.perf_counter() - t
+                if not torch.isfinite(delta).all():
+                    raise FloatingPointError(f"the update for layer {layer} contains NaN or inf (cond(KᵀC⁻¹K) = "
+                                             f"{_info_dict(info).get('cond', 'n/a')}); nothing was written")
+                t = time.perf_counter()
+                deltas[layer] = delta.detach().to("cpu", torch.float32)     # what is stored is exactly what is written
+                _write(adapter, layer, deltas[layer])
+                times["write"] += time.perf_counter() - t
+                layer_diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()),
+                                     **_info_dict(info)}
+        except BaseException:
+            for name, w in originals.items(): set_parameter_value(model, name, w)
+            raise
     times["total"] = time.perf_counter() - t_start
     diag = {"layers": {str(l): v for l, v in layer_diag.items()}, "times": times, "value_hook": hook,
             "z_loss_init": tv.loss_init.tolist(), "z_loss_final": tv.loss_final.tolist(),
@@ -316,5 +327,4 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
 
 def adapter_names(adapter: ModelAdapter) -> dict:
     "The module-name fields of `adapter`, as hyper-parameters (stored with an edit so it can be re-applied)."
-    return {k: getattr(adapter, k) for k in ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp",
-                                             "attn_module_tmp", "ln_f_module", "lm_head_module")}
+    return {k: getattr(adapter, k) for k in _MODULE_FIELDS}

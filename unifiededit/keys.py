@@ -12,11 +12,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .hooks import Trace
-from .models import ModelAdapter
+from .models import ModelAdapter, eval_mode, execution_device, max_positions
 
 # %% auto #0
 __all__ = ['MEMIT_START_WORDS', 'MEMIT_LENGTH_PARAMS', 'ROME_LENGTH_PARAMS', 'KEY_MODES', 'EditRequest', 'fill', 'target_text',
-           'subject_last_token', 'encode_with_subject', 'pad_id', 'pad_right', 'ContextTemplates',
+           'subject_last_token', 'encode_with_subject', 'pad_id', 'check_fits', 'pad_right', 'ContextTemplates',
            'subject_activations', 'template_weights', 'compute_keys']
 
 # %% ../nbs/04_keys.ipynb #5ade9cc1
@@ -176,6 +176,17 @@ def pad_id(tok) -> int:
     return 0
 
 
+def check_fits(model, rows: Sequence[Sequence[int]], describe) -> None:
+    """Refuse token rows longer than the model's positions (`max_positions`, chapter 1), before any forward pass.
+    `describe(j)` names row j in the error (the request and the template it came from)."""
+    limit = max_positions(model)
+    if limit is None or not len(rows): return
+    n, j = max((len(r), j) for j, r in enumerate(rows))
+    if n > limit:
+        raise ValueError(f"{describe(j)} is {n} tokens long, more than the {limit} positions of {type(model).__name__}: "
+                         "shorten the prompt or the subject (or use shorter context templates)")
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists to (N, T) `input_ids` and `attention_mask`.
     Right padding keeps every real token at its own position, so indices computed on the unpadded text stay valid."""
@@ -246,7 +257,7 @@ class ContextTemplates:
         `length` tokens long in total (start tokens included). A start word `None` means "start from the BOS token"
         (upstream ROME starts from `<|endoftext|>`). Seeded; the global random state is left untouched."""
         groups = [["{}"]] if bare else []
-        device = next(model.parameters()).device
+        device = execution_device(model)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for length, n in length_params:
@@ -288,13 +299,14 @@ def _sample(model, tok, words: Sequence[str | None], length: int, top_k: int) ->
     new = length - min(len(s) for s in starts)        # a start longer than `length` is kept whole, as upstream
     if new <= 0: return [tok.decode(s, skip_special_tokens=True) for s in starts]
     pad = pad_id(tok)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     ids = torch.tensor([[pad] * (P - len(s)) + s for s in starts], device=device)
     mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in starts], device=device)
     cfg = GenerationConfig(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, num_beams=1,
                            max_new_tokens=new, min_new_tokens=0, pad_token_id=pad, eos_token_id=tok.eos_token_id,
                            bos_token_id=tok.bos_token_id)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, P:].tolist()
+    with eval_mode(model):                                          # no dropout while sampling
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, P:].tolist()
     return [tok.decode(s + g[: max(length - len(s), 0)], skip_special_tokens=True) for s, g in zip(starts, out)]
 
 # %% ../nbs/04_keys.ipynb #3a86e69a
@@ -315,16 +327,18 @@ def subject_activations(model, tok, requests: Sequence, module: str, templates=N
     flat = ContextTemplates.coerce(templates).flat
     filled = [fill(r, t) for r in reqs for t in flat]
     ids, pos = encode_with_subject(tok, [f[0] for f in filled], [f[1] for f in filled])
-    device = next(model.parameters()).device
+    check_fits(model, ids, lambda j: f"the prompt {filled[j][0][:60]!r}… (request {j // len(flat)}, template {flat[j % len(flat)]!r})")
+    device = execution_device(model)
     pad, out = pad_id(tok), []
-    for i in range(0, len(ids), batch_size):
-        input_ids, mask = pad_right(ids[i:i + batch_size], pad, device)
-        with Trace(model, [module], retain_input=which == "input", retain_output=which == "output",
-                   stop_after=module) as tr:
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        acts = (tr.inputs if which == "input" else tr.outputs)[module]                 # (b, T, d)
-        rows = torch.arange(len(input_ids), device=acts.device)
-        out.append(acts[rows, torch.as_tensor(pos[i:i + batch_size], device=acts.device)])
+    with eval_mode(model):
+        for i in range(0, len(ids), batch_size):
+            input_ids, mask = pad_right(ids[i:i + batch_size], pad, device)
+            with Trace(model, [module], retain_input=which == "input", retain_output=which == "output",
+                       stop_after=module) as tr:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            acts = (tr.inputs if which == "input" else tr.outputs)[module]                 # (b, T, d)
+            rows = torch.arange(len(input_ids), device=acts.device)
+            out.append(acts[rows, torch.as_tensor(pos[i:i + batch_size], device=acts.device)])
     return torch.cat(out).reshape(len(reqs), len(flat), -1)
 
 # %% ../nbs/04_keys.ipynb #186fb7ed

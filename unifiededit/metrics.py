@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .data import AttributeSnippets, EditRecord, TfidfStats
+from .models import cache_kwarg, execution_device, output_cache
 
 # %% auto #0
 __all__ = ['METRICS', 'SUITES', 'DEFAULT_SUITES', 'join_target', 'leading_special_ids', 'encode_pair', 'TargetScore',
@@ -84,7 +85,7 @@ class TargetScore:
 
 
 def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    return execution_device(model)
 
 
 @torch.no_grad()
@@ -258,7 +259,7 @@ def sample_generations(model, tok, prompts: Sequence[str], *, max_out_len: int =
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
                 pos = pos[:, -1:] + 1
                 out = model(input_ids=nxt, attention_mask=mask, position_ids=pos,
-                            past_key_values=out.past_key_values, use_cache=True)
+                            use_cache=True, **{cache_kwarg(model): output_cache(out)})
         finally:
             model.train(was_training)
     out = []

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'ModelAdapter',
-           'tiny_tokenizer', 'tiny_model']
+__all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'execution_device',
+           'parameter_value', 'set_parameter_value', 'named_parameter_values', 'ModelAdapter', 'tiny_tokenizer',
+           'tiny_model', 'eval_mode', 'max_positions', 'cache_kwarg', 'output_cache']
 
 # %% ../nbs/01_models.ipynb #e2923c05
 REWRITE_CANDIDATES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2",
@@ -45,6 +46,93 @@ def _find_layer_list(model: nn.Module) -> str | None:
     exact = [name for name, l in lists if l == n]
     if exact: return min(exact, key=len)   # the shallowest one (e.g. not a per-layer sub-list)
     return max(lists, key=lambda t: t[1])[0] if lists else None
+
+# %% ../nbs/01_models.ipynb #19f36b26
+def _accelerate_hooks(module: nn.Module) -> list:
+    "The accelerate hooks attached to `module` (a `SequentialHook` flattened); [] when there are none."
+    h = getattr(module, "_hf_hook", None)
+    return [] if h is None else list(getattr(h, "hooks", [h]))
+
+
+def _ancestors(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    "`(module, rest)` for the module `name` and each of its ancestors, nearest first; `rest` = the path below it."
+    parts = name.split(".") if name else []
+    out = []
+    for cut in range(len(parts), -1, -1):
+        try: mod = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError: continue
+        out.append((mod, ".".join(parts[cut:])))
+    return out
+
+
+def execution_device(model: nn.Module, name: str = "") -> torch.device:
+    """Where module `name` of `model` runs: the execution device of the nearest accelerate hook at or above it,
+    else the device of its first parameter or buffer that is not on `meta`, else the CPU.
+
+    >>> execution_device(nn.Linear(2, 2))
+    device(type='cpu')
+    """
+    for mod, _ in _ancestors(model, name):
+        for h in _accelerate_hooks(mod):
+            d = getattr(h, "execution_device", None)
+            if d is not None: return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+    mod = model.get_submodule(name)
+    for t in (*mod.parameters(), *mod.buffers()):
+        if t.device.type != "meta": return t.device
+    return torch.device("cpu")
+
+# %% ../nbs/01_models.ipynb #4e315bbd
+def _offload_entry(model: nn.Module, name: str):
+    """(mapping, key) holding the values of the offloaded parameter `name` (accelerate's weights map of the nearest
+    hook above it, unwrapped), or None when the parameter holds its own values."""
+    hooks = [(h, rest) for mod, rest in _ancestors(model, name.rpartition(".")[0])
+             for h in _accelerate_hooks(mod) if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
+    if not hooks: return None
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+    leaf = name.rpartition(".")[2]
+    for h, rest in hooks:
+        mapping, key = h.weights_map, f"{rest}.{leaf}" if rest else leaf
+        while isinstance(mapping, PrefixedDataset): mapping, key = mapping.dataset, mapping.prefix + key
+        found = (key in mapping.state_dict or key in mapping.index) if isinstance(mapping, OffloadedWeightsLoader) \
+            else key in mapping
+        if found: return mapping, key
+    return None
+
+
+def parameter_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The values of parameter `name`: the parameter itself (detached, sharing storage), or — when accelerate has
+    offloaded it to CPU memory or disk and the parameter is on `meta` — the copy accelerate loads before each use."""
+    p = model.get_parameter(name)
+    if p.device.type != "meta": return p.detach()
+    entry = _offload_entry(model, name)
+    if entry is None: raise RuntimeError(f"parameter {name!r} is on the meta device and no accelerate hook holds its "
+                                         "values: the model was not fully loaded")
+    mapping, key = entry
+    return mapping[key]
+
+
+@torch.no_grad()
+def set_parameter_value(model: nn.Module, name: str, value: torch.Tensor):
+    """Overwrite parameter `name` with `value` (same shape; cast to the parameter's dtype) where the model reads it:
+    in place when it holds its values, else in accelerate's weights map (for a disk-offloaded weight, in the
+    loader's in-memory state dict, which takes priority over the file)."""
+    p = model.get_parameter(name)
+    if tuple(value.shape) != tuple(p.shape):
+        raise ValueError(f"value for {name!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+    if p.device.type != "meta":
+        p.copy_(value); return
+    entry = _offload_entry(model, name)
+    if entry is None: raise RuntimeError(f"parameter {name!r} is on the meta device and no accelerate hook holds its values")
+    from accelerate.utils import OffloadedWeightsLoader
+    mapping, key = entry
+    old = mapping[key]
+    new = value.detach().to(device=old.device, dtype=old.dtype).clone()
+    (mapping.state_dict if isinstance(mapping, OffloadedWeightsLoader) else mapping)[key] = new
+
+
+def named_parameter_values(model: nn.Module):
+    "`(name, values)` of every parameter, offloaded ones loaded from where accelerate keeps them (see `parameter_value`)."
+    for name, _ in model.named_parameters(): yield name, parameter_value(model, name)
 
 # %% ../nbs/01_models.ipynb #aa39630c
 @dataclass
@@ -137,18 +225,29 @@ class ModelAdapter:
         return type(self.module("rewrite", i)).__name__ == "Conv1D"
 
     def weight(self, i: int) -> torch.Tensor:
-        "The (d_out, d_in) matrix W of `W k = v` for layer `i`; a view sharing storage with the parameter."
+        """The (d_out, d_in) matrix W of `W k = v` for layer `i`; a view sharing storage with the parameter (on `meta`,
+        values absent, when accelerate offloads it: use `read_weight` for the values)."""
         w = self.module("rewrite", i).weight
         return w.T if self.is_transposed(i) else w
+
+    def weight_name(self, i: int) -> str: return self.name("rewrite", i) + ".weight"
+
+    def read_weight(self, i: int) -> torch.Tensor:
+        "The values of W (d_out, d_in) of layer `i`, wherever they live (see `parameter_value`); shares storage when it can."
+        w = parameter_value(self.model, self.weight_name(i))
+        return w.T if self.is_transposed(i) else w
+
+    def write_weight(self, i: int, W: torch.Tensor):
+        "Set W (d_out, d_in) of layer `i` where the model reads it (see `set_parameter_value`), in the parameter's dtype."
+        set_parameter_value(self.model, self.weight_name(i), W.T if self.is_transposed(i) else W)
 
     def d_in(self, i: int) -> int: return self.weight(i).shape[1]
     def d_out(self, i: int) -> int: return self.weight(i).shape[0]
 
     def device(self, kind: str = "rewrite", i: int | None = None) -> torch.device:
-        "Device of a module's first parameter (models split with `device_map` have several)."
-        mod = self.module(kind, i) if kind in ("ln_f", "lm_head", "embed") or i is not None else self.model
-        p = next(mod.parameters(), None)
-        return p.device if p is not None else next(self.model.parameters()).device
+        "Where a module computes (`execution_device`; models split with `device_map` use several devices)."
+        if kind not in ("ln_f", "lm_head", "embed") and i is None: return execution_device(self.model)
+        return execution_device(self.model, self.name(kind, i))
 
     def unembedding(self) -> torch.Tensor:
         "(vocab, d_model) LM-head weight; with tied embeddings this is the input embedding itself."
@@ -157,9 +256,12 @@ class ModelAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         "Logits from final hidden states (..., d_model): the LM head (with its bias, e.g. GPT-J) and any soft-capping."
         head = self.module("lm_head")
-        hidden = hidden.to(head.weight.device)
+        hidden = hidden.to(self.device("lm_head"))
         # upstream GPT-2 files name the tied embedding itself (`transformer.wte`) as the LM head
-        out = hidden @ head.weight.T if isinstance(head, nn.Embedding) else head(hidden)
+        if isinstance(head, nn.Embedding):
+            w = parameter_value(self.model, self.name("lm_head") + ".weight")
+            out = hidden.to(w.device) @ w.T
+        else: out = head(hidden)
         cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
         return torch.tanh(out / cap) * cap if cap else out
 
@@ -249,3 +351,49 @@ def tiny_model(family: str, seed: int = 0, **config_overrides):
     model.eval()
     for p in model.parameters(): p.requires_grad_(False)
     return model
+
+# %% ../nbs/01_models.ipynb #d89a3864
+from contextlib import contextmanager
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode (no dropout) for the duration; every module's own train/eval flag restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes: m.training = training
+
+
+def max_positions(model: nn.Module) -> int | None:
+    "The longest sequence the model was built for (`max_position_embeddings`, `n_positions`), or None if unknown."
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", cfg) if cfg is not None and not hasattr(cfg, "max_position_embeddings") else cfg
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        n = getattr(cfg, attr, None)
+        if isinstance(n, int) and n > 0: return n
+    return None
+
+# %% ../nbs/01_models.ipynb #343e899e
+def cache_kwarg(module: nn.Module) -> str | None:
+    """The keyword under which `module.forward` takes a KV cache: `'cache'` (transformers >= 5.24),
+    `'past_key_values'` (earlier releases), or None when it takes neither.
+
+    >>> cache_kwarg(tiny_model('gpt2').base_model) in ('cache', 'past_key_values')
+    True
+    """
+    import inspect
+    params = inspect.signature(module.forward).parameters        # follows functools.wraps to the real signature
+    for name in ("cache", "past_key_values"):
+        if name in params: return name
+    return None
+
+
+def output_cache(output):
+    "The KV cache a forward pass returned (`output.cache`, or `output.past_key_values` before 5.24), or None."
+    for name in ("cache", "past_key_values"):
+        c = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if c is not None: return c
+    return None

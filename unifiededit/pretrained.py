@@ -14,10 +14,9 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
-import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -28,10 +27,13 @@ from urllib.parse import urlparse
 import torch
 import transformers
 
+from .models import execution_device
+from .store import cache_root, clean_stale_temps, safe_label, temp_path, write_text_atomic
+
 # %% auto #0
-__all__ = ['PRETRAINED', 'MANIFEST', 'CACHE_FORMAT', 'GGUFWheel', 'gguf_wheel_files', 'cache_root', 'default_model_cache_dir',
-           'content_sha256', 'verify_cache_dir', 'read_manifest', 'cached_dir', 'write_tiny_gguf', 'load_pretrained',
-           'weights_fingerprint', 'model_id', 'greedy_generate', 'answer_matches', 'probe_facts']
+__all__ = ['PRETRAINED', 'MANIFEST', 'CACHE_FORMAT', 'GGUFWheel', 'gguf_wheel_files', 'default_model_cache_dir', 'content_sha256',
+           'verify_cache_dir', 'read_manifest', 'cached_dir', 'write_tiny_gguf', 'load_pretrained', 'greedy_generate',
+           'answer_matches', 'probe_facts']
 
 # %% ../nbs/08_pretrained.ipynb #6d838d8c
 @dataclass(frozen=True)
@@ -98,27 +100,9 @@ def gguf_wheel_files(wheel: GGUFWheel) -> list[Path]:
     return paths
 
 # %% ../nbs/08_pretrained.ipynb #1d7f01e3
-def cache_root() -> Path:
-    "Root of every unifiededit cache (models, key statistics, target values): `$UNIFIEDEDIT_CACHE`, else `~/.cache/unifiededit`."
-    env = os.environ.get("UNIFIEDEDIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unifiededit"
-
-
 def default_model_cache_dir() -> Path:
     "Folder for converted models: `cache_root() / 'models'`."
     return cache_root() / "models"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    "Write `text` to `path` through a temporary file in the same folder and `os.replace` (readers never see half)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
 
 
 def _sha256_files(paths: Sequence[Path], block: int = 1 << 24) -> str:
@@ -152,7 +136,7 @@ def content_sha256(paths: str | os.PathLike | Sequence[str | os.PathLike], memo_
         except (OSError, ValueError):
             pass
     digest = _sha256_files(paths)
-    if memo is not None: _atomic_write_text(memo, json.dumps({"files": stats, "sha256": digest}, indent=1))
+    if memo is not None: write_text_atomic(memo, json.dumps({"files": stats, "sha256": digest}, indent=1))
     return digest
 
 # %% ../nbs/08_pretrained.ipynb #f801a84e
@@ -199,7 +183,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def _discard_dir(path: Path) -> None:
     "Rename `path` aside (atomic: it stops being an entry at once), then delete it."
-    aside = path.with_name(f".discard-{path.name}-{uuid.uuid4().hex[:8]}")
+    aside = temp_path(path)                                  # a killed delete leaves a stale temporary: cleaned later
     try:
         os.rename(path, aside)
     except FileNotFoundError:
@@ -217,13 +201,15 @@ def cached_dir(root: str | os.PathLike, key: str, build: Callable[[Path], dict |
         raise ValueError(f"cache key {key!r} must be letters, digits and . _ + - (it becomes a folder name)")
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(root)                                  # what killed builds left behind
     final = root / key
     if final.exists():
         reason = verify_cache_dir(final, full=verify)
         if reason is None: return final
         warnings.warn(f"cache entry {final} is corrupt ({reason}); rebuilding it", RuntimeWarning, stacklevel=2)
         _discard_dir(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    tmp = temp_path(final)
+    tmp.mkdir()
     try:
         info = build(tmp) or {}
         files = {}
@@ -234,7 +220,7 @@ def cached_dir(root: str | os.PathLike, key: str, build: Callable[[Path], dict |
         if not files: raise RuntimeError(f"building cache entry {key!r} wrote no files")
         manifest = {"format": CACHE_FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "info": info, "files": files}
-        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -310,14 +296,39 @@ def write_tiny_gguf(path: str | os.PathLike, *, seed: int = 0, n_layers: int = 2
     return model
 
 # %% ../nbs/08_pretrained.ipynb #ff3e1066
-def _safe_label(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("._-")[:64] or "model"
+_CONVERSION = 2    # bumped whenever `_convert_gguf` writes something different: older cache entries are not reused
+
+
+def _gguf_tokenizer_settings(path: Path) -> dict:
+    """What a GGUF file declares about its tokenizer's special tokens: {'bos_token' | 'eos_token' | 'unk_token' |
+    'pad_token': id, 'add_bos_token' | 'add_eos_token': bool}, for the keys it has."""
+    import gguf
+    fields = gguf.GGUFReader(str(path)).fields
+    out = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id"), ("add_bos_token", "add_bos_token"),
+                      ("add_eos_token", "add_eos_token")):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None and len(f.data):
+            v = f.parts[f.data[0]][0]
+            out[name] = bool(v) if name.startswith("add_") else int(v)
+    return out
+
+
+def _apply_gguf_tokenizer_settings(tok, settings: dict):
+    "Make `tok`'s special tokens the GGUF's (transformers 5.0-5.17 read eos = bos and add a BOS for byte-level BPE)."
+    for name, v in settings.items():
+        if name.startswith("add_"):
+            if hasattr(tok, name) and getattr(tok, name) != v: setattr(tok, name, v)
+        else: setattr(tok, name, tok.convert_ids_to_tokens(v))
 
 
 def _convert_gguf(chunks: Sequence[Path], gguf_name: str, out: Path) -> dict:
     "Dequantize the GGUF made of `chunks` into a float32 safetensors model + tokenizer saved in `out`."
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    with tempfile.TemporaryDirectory(prefix=".assemble-", dir=out.parent) as asm:
+    asm = temp_path(out.parent / "assemble")             # removed below, or by clean_stale_temps if we are killed
+    asm.mkdir()
+    try:
         if len(chunks) == 1:
             folder, fname = chunks[0].parent, chunks[0].name
         else:  # transformers reads one file: concatenate the chunks next to the cache (removed afterwards)
@@ -326,7 +337,11 @@ def _convert_gguf(chunks: Sequence[Path], gguf_name: str, out: Path) -> dict:
                 for c in chunks:
                     with open(c, "rb") as src: shutil.copyfileobj(src, dst, 1 << 24)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        _apply_gguf_tokenizer_settings(tok, _gguf_tokenizer_settings(folder / fname))
+        tok.clean_up_tokenization_spaces = False   # ignored by byte-level BPE anyway; saved True, it warns at each load
         gmodel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    finally:
+        shutil.rmtree(asm, ignore_errors=True)
     config = copy.deepcopy(gmodel.config)
     if hasattr(config, "quantization_config"): del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -350,7 +365,7 @@ def _resolve(name_or_path) -> tuple:
         if p.suffix.lower() != ".gguf":
             raise ValueError(f"{s!r} is a file but not a .gguf file; pass a .gguf file, a model folder, a hub id or one "
                              f"of the short names {sorted(PRETRAINED)}")
-        return ("gguf", _safe_label(p.stem), [p], None, p.name)
+        return ("gguf", safe_label(p.stem), [p], None, p.name)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ValueError(f"{s!r} is a folder without config.json, so not a Hugging Face model folder")
@@ -373,6 +388,17 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 # %% ../nbs/08_pretrained.ipynb #e583d9f4
+@contextmanager
+def _no_transformers_bars():
+    "transformers' progress bars off for the duration, restored after."
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        if was: hf_logging.enable_progress_bar()
+
+
 def _finish(model, tok, name: str, dtype, device):
     if device is None: device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype).eval()
@@ -417,10 +443,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
         if expected is not None and digest != expected:
             raise ValueError(f"the GGUF of {label!r} ({', '.join(map(str, chunks))}) has sha256 {digest}, expected "
                              f"{expected}; reinstall it with:\n    {PRETRAINED[label].pip_command} --force-reinstall")
-        key = _safe_label(f"{label}-{digest[:16]}-transformers-{transformers.__version__}")
+        key = safe_label(f"{label}-{digest[:16]}-transformers-{transformers.__version__}-c{_CONVERSION}")
         entry = cached_dir(root, key, lambda out: {**_convert_gguf(chunks, gguf_name, out), "label": label,
                                                    "gguf_sha256": digest}, verify=verify_cache)
-        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
+        with _no_transformers_bars():                    # our own cache: a bar per load says nothing
+            model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(entry)
         return _finish(model, tok, label, dtype, device)
     if src[0] == "dir":
@@ -441,53 +468,6 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
         raise OSError(f"cannot load {repo_id!r} from the Hugging Face hub: {e}") from e
     return _finish(model, tok, repo_id, dtype, device)
 
-# %% ../nbs/08_pretrained.ipynb #3fa5bcdd
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    if t.numel() == 0: return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
-
-
-def weights_fingerprint(model: torch.nn.Module, *, max_full_numel: int = 1 << 22, n_samples: int = 1 << 18) -> str:
-    """Deterministic sha256 hex digest of `model`'s parameters: names, dtypes, shapes, and the bytes of every
-    parameter with at most `max_full_numel` elements (a strided sample of `n_samples` elements of larger ones).
-
-    >>> weights_fingerprint(torch.nn.Linear(2, 2, bias=False))[:8]  # doctest: +SKIP
-    """
-    if n_samples < 1: raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}\n".encode())
-        n = p.numel()
-        if n <= max_full_numel:
-            h.update(_tensor_bytes(p))
-            continue
-        row = p.shape[-1] if p.dim() > 1 else 1
-        stride = max(1, n // n_samples)
-        while math.gcd(stride, row) != 1: stride += 1
-        offset = (stride // 2) % n
-        flat = p.detach().reshape(-1)
-        idx = torch.arange(offset, n, stride, device=flat.device)
-        h.update(f"sample|{offset}|{stride}\n".encode())
-        h.update(_tensor_bytes(flat[idx]))
-    return h.hexdigest()
-
-
-def model_id(model: torch.nn.Module, name: str | None = None, *, digits: int = 16) -> str:
-    """`'<name>--<first digits of weights_fingerprint>'`, a filesystem-safe identity for keying caches.
-
-    `name` defaults to `model.config.name_or_path` (set by `load_pretrained`), else the class name; hub ids keep
-    their organization (`org/model` → `org--model`), local folders their last component.
-
-    >>> model_id(model)  # doctest: +SKIP
-    'smollm2-135m-instruct--3f1c0a9e5b7d2c44'
-    """
-    if name is None:
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    name = str(name)
-    if os.sep in name and Path(name).exists(): name = Path(name).name
-    return f"{_safe_label(name.replace('/', '--'))}--{weights_fingerprint(model)[:digits]}"
-
 # %% ../nbs/08_pretrained.ipynb #18a16fcc
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: str | Sequence[str], max_new_tokens: int = 16, *,
@@ -507,7 +487,7 @@ def greedy_generate(model, tok, prompts: str | Sequence[str], max_new_tokens: in
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     if tok.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with load_pretrained or set tok.pad_token")
-    device = next(model.parameters()).device
+    device = execution_device(model)
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left").to(device)

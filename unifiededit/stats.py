@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -19,19 +18,18 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .hooks import StopForward, Trace, _first_tensor
-from .models import ModelAdapter
-from .pretrained import model_id
+from .models import ModelAdapter, cache_kwarg, eval_mode, execution_device, max_positions, output_cache
+from .store import (CorruptFile, TensorCache, digest, load_tensors, model_fingerprint, model_id,
+                               tokenizer_fingerprint)
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus', 'special_prefix', 'token_batches',
-           'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper', 'symmetrize_upper', 'KeyStatsCollector',
-           'model_fingerprint', 'tokenizer_fingerprint', 'StatsCache', 'model_sampled_corpus', 'default_corpus',
-           'resolve_n_tokens', 'collect_key_stats']
+__all__ = ['CACHE_FORMAT', 'AUTO_CORPUS_TOKENS', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus',
+           'special_prefix', 'token_batches', 'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper',
+           'symmetrize_upper', 'KeyStatsCollector', 'StatsCache', 'sample_categorical', 'model_sampled_corpus',
+           'default_corpus', 'resolve_n_tokens', 'collect_key_stats']
 
 # %% ../nbs/03_stats.ipynb #4ec5437b
 class Corpus:
@@ -40,9 +38,15 @@ class Corpus:
     >>> c = text_corpus(["The cat sat.", "Paris is in France."]); len(list(c)), c.id[:8] == text_corpus(list(c)).id[:8]
     (2, True)
     """
-    def __init__(self, documents: Callable[[], Iterable[str]], id: str, description: str, eos_between: bool = True):
+    def __init__(self, documents: Callable[[], Iterable[str]], id: str, description: str, eos_between: bool = True,
+                 prepare: Callable[[], None] | None = None, sampled: bool = False):
         if not callable(documents): raise TypeError(f"documents must be a callable returning an iterable, got {type(documents).__name__}")
         self._documents, self.id, self.description, self.eos_between = documents, str(id), description, bool(eos_between)
+        self._prepare, self.sampled = prepare, sampled          # sampled: text generated from the model itself
+
+    def prepare(self) -> None:
+        "Do any one-time work (such as sampling text) now rather than during the first iteration."
+        if self._prepare is not None: self._prepare()
 
     def __iter__(self) -> Iterator[str]:
         for j, d in enumerate(self._documents()):
@@ -53,21 +57,13 @@ class Corpus:
     def __repr__(self) -> str: return f"Corpus({self.description}, id={self.id[:12]})"
 
 
-def _sha(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = p if isinstance(p, bytes) else str(p).encode()
-        h.update(len(b).to_bytes(8, "little")); h.update(b)   # length-prefixed: ("ab","c") != ("a","bc")
-    return h.hexdigest()
-
-
 def text_corpus(texts: Iterable[str], name: str | None = None) -> Corpus:
     "A corpus of in-memory strings (a one-shot iterator is materialized once); the id hashes every text."
     if isinstance(texts, (str, bytes)): raise TypeError("text_corpus takes an iterable of strings, not a single string")
     texts = tuple(texts)
     bad = [(j, type(t).__name__) for j, t in enumerate(texts) if not isinstance(t, str)]
     if bad: raise TypeError(f"text_corpus: items must be str; item {bad[0][0]} is a {bad[0][1]}")
-    cid = _sha("texts", len(texts), *texts)
+    cid = digest("texts", len(texts), *texts)
     desc = name or f"{len(texts)} texts ({sum(map(len, texts)):,} characters)"
     return Corpus(lambda: iter(texts), cid, desc, eos_between=True)
 
@@ -89,7 +85,7 @@ def file_corpus(*paths: str | os.PathLike) -> Corpus:
         for p in paths:
             with open(p, encoding="utf-8") as f: yield from f
     names = ", ".join(p.name for p in paths)
-    return Corpus(lines, _sha("files", h.hexdigest()), f"file {names} ({size / 1e6:.2f} MB)", eos_between=False)
+    return Corpus(lines, digest("files", h.hexdigest()), f"file {names} ({size / 1e6:.2f} MB)", eos_between=False)
 
 
 def hf_corpus(name: str, config: str | None = None, split: str = "train", field: str = "text",
@@ -107,7 +103,7 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train", field:
             if field not in row: raise KeyError(f"dataset {name!r} has no field {field!r}; fields: {sorted(row)}")
             yield row[field]
     spec = dict(name=name, config=config, split=split, field=field, revision=revision)
-    return Corpus(rows, _sha("hf", json.dumps(spec, sort_keys=True)),
+    return Corpus(rows, digest("hf", json.dumps(spec, sort_keys=True)),
                   f"Hugging Face dataset {name}" + (f"/{config}" if config else "") + f" [{split}]", eos_between)
 
 
@@ -383,7 +379,8 @@ class KeyStatsCollector:
             return pre
         handles = [modules[n].register_forward_pre_hook(grab(n), with_kwargs=True) for n in self.names.values()]
         try:
-            with torch.inference_mode(): self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            with torch.inference_mode(), eval_mode(self.model):
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         except StopForward:
             pass
         finally:
@@ -420,174 +417,133 @@ class KeyStatsCollector:
         sums = self.sums
         return {i: LayerStats.from_sum(sums[i], self.counts[i], i, self.names[i], meta) for i in self.layers}
 
-
-# %% ../nbs/03_stats.ipynb #fe50b503
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype",
-                         "_attn_implementation_autoset", "_attn_implementation_internal", "use_cache"}
-
-
-def _int_view(t: torch.Tensor) -> torch.Tensor:
-    "The bits of `t` as a 1-D integer tensor (int8/int16/int32 by element size), without copying when contiguous."
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.dtype == torch.bool: return flat.to(torch.int8)
-    size = flat.element_size()
-    return flat.view({1: torch.int8, 2: torch.int16}.get(size, torch.int32))
-
-
-def model_fingerprint(model) -> str:
-    """A 16-hex-digit digest of a model's architecture, config and every parameter value (exact, device-independent).
-
-    >>> model_fingerprint(tiny_model('gpt2')) == model_fingerprint(tiny_model('gpt2'))
-    True
-    """
-    h = hashlib.sha256(type(model).__name__.encode())
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        d = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    with torch.inference_mode():
-        for name, p in model.named_parameters():
-            bits = _int_view(p)
-            step = max(1, bits.numel() // 1024)
-            if bits.device.type == "cpu":                       # numpy: one fast single-threaded pass
-                arr = bits.numpy()
-                total, sample = int(arr.sum(dtype=np.int64)), arr[::step][:1024].tobytes()
-            else:                                               # on the accelerator: no transfer of the weights
-                total, sample = int(bits.sum(dtype=torch.int64)), bits[::step][:1024].cpu().numpy().tobytes()
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total}|".encode()); h.update(sample)
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tok) -> str:
-    "A 16-hex-digit digest of a tokenizer (the full serialization of a fast tokenizer; else its vocabulary)."
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None: s = backend.to_str()
-    else: s = json.dumps(sorted(tok.get_vocab().items())) + json.dumps(getattr(tok, "special_tokens_map", {}), sort_keys=True, default=str)
-    return hashlib.sha256((type(tok).__name__ + s).encode()).hexdigest()[:16]
-
 # %% ../nbs/03_stats.ipynb #a0aa97ab
-CACHE_FORMAT = 1
-
-
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+CACHE_FORMAT = 2
 
 
 class StatsCache:
-    """A directory of cached `LayerStats`, one safetensors file per (layer, key), written atomically, verified on load."""
+    """A folder of cached `LayerStats`, one file per (layer, key): chapter 2's `TensorCache` (atomic, checksummed,
+    the key stored inside), named `<module>.<digest of the key>.safetensors`."""
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._files = TensorCache(self.directory, "key-statistics cache")
 
     def __repr__(self) -> str: return f"StatsCache({str(self.directory)!r})"
 
-    def path(self, key: dict) -> Path:
-        "Where the statistics for `key` live: `<module>.<digest of the key>.safetensors`."
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        return self.directory / f"{key.get('module', 'stats')}.{digest}.safetensors"
+    def path(self, key: dict) -> Path: return self._files.path(key, prefix=f"{key.get('module', 'stats')}.")
 
     def load(self, key: dict, device: torch.device | str = "cpu") -> LayerStats | None:
-        "The cached statistics for `key`, or None (missing; or unusable, with a warning naming the file and why)."
-        path = self.path(key)
-        if not path.exists(): return None
-        def bad(reason):
-            warnings.warn(f"key-statistics cache file {path} is unusable ({reason}); recomputing it", stacklevel=3)
-            return None
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                mom2 = f.get_tensor("mom2")
-        except Exception as e:
-            return bad(f"unreadable, truncated or not a safetensors file: {type(e).__name__}: {e}")
-        try:
-            meta = json.loads(header["unifiededit"])
-        except Exception as e:
-            return bad(f"no valid unifiededit metadata: {type(e).__name__}: {e}")
-        want = json.loads(json.dumps(key, sort_keys=True, default=str))
-        if meta.get("key") != want:
-            diff = sorted(k for k in set(want) | set(meta.get("key") or {}) if (meta.get("key") or {}).get(k) != want.get(k))
-            return bad(f"stored key differs in {diff}")
-        d = meta.get("d_in")
-        if mom2.dtype != torch.float64 or tuple(mom2.shape) != (d, d):
-            return bad(f"tensor is {mom2.dtype} {tuple(mom2.shape)}, expected float64 ({d}, {d})")
-        if _tensor_sha(mom2) != meta.get("sha256"):
-            return bad("checksum mismatch: the tensor bytes were modified or corrupted")
-        if not isinstance(meta.get("n"), int) or meta["n"] < 1:
-            return bad(f"invalid token count {meta.get('n')!r}")
-        return LayerStats(mom2.to(device), meta["n"], key["layer"], key["module"], dict(meta.get("info", {}), cached=str(path)))
+        "The cached statistics for `key`, or None (missing; or unusable: then a warning names the file and why)."
+        hit = self._files.load(key, prefix=f"{key.get('module', 'stats')}.", device=device)
+        if hit is None: return None
+        tensors, meta = hit
+        return LayerStats(tensors["mom2"], meta["n"], key["layer"], key["module"],
+                          dict(meta.get("info", {}), cached=str(self.path(key))))
 
     def save(self, key: dict, stats: LayerStats, info: dict | None = None) -> Path:
-        "Write `stats` for `key` atomically (temporary file + fsync + os.replace)."
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        mom2 = stats.mom2.detach().to("cpu", torch.float64).contiguous()
-        meta = dict(key=json.loads(json.dumps(key, sort_keys=True, default=str)), n=int(stats.n), d_in=mom2.shape[0],
-                    sha256=_tensor_sha(mom2), info=info or {}, format=CACHE_FORMAT)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"mom2": mom2}, tmp, metadata={"unifiededit": json.dumps(meta, sort_keys=True)})
-            with open(tmp, "rb+") as f: os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp): os.remove(tmp)
-            raise
-        return path
+        "Write `stats` for `key`."
+        return self._files.save(key, {"mom2": stats.mom2.to(torch.float64)}, {"n": int(stats.n), "info": info or {}},
+                                prefix=f"{key.get('module', 'stats')}.")
 
     def entries(self) -> list[dict]:
         "The keys (and counts) of every readable file in the cache, for inspection."
         out = []
         for p in sorted(self.directory.glob("*.safetensors")):
             try:
-                with safe_open(str(p), framework="pt", device="cpu") as f: meta = json.loads(f.metadata()["unifiededit"])
+                _, meta = load_tensors(p)
                 out.append(dict(meta["key"], n=meta["n"], file=p.name))
-            except Exception: pass
+            except (CorruptFile, KeyError): pass
         return out
 
 # %% ../nbs/03_stats.ipynb #4f5447d4
-def _cuda_indices(model) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of the unnormalized probabilities `weights` (B, V) by inverse transform: a uniform u per row,
+    the first index whose cumulative weight (summed in float64) exceeds u · Σ weights. Exact like `torch.multinomial`,
+    which draws V exponentials per row (on SmolLM2's 49k-token vocabulary that alone took 30 % of a sampling step).
+    Returns (B, 1) indices.
 
-
-def model_sampled_corpus(model, tok, n_tokens: int, seed: int = 0, batch_size: int = 16, max_new_tokens: int = 256,
-                         temperature: float = 1.0) -> Corpus:
-    """A corpus of at least `n_tokens` tokens of text sampled from `model` (seeded, batched, global RNG untouched).
-
-    Each sequence starts from the BOS token (or EOS when there is none) and is sampled for up to `max_new_tokens`
-    tokens; sequences are drawn in batches of at most `batch_size` until `n_tokens` tokens (before EOS) were produced.
+    >>> sample_categorical(torch.tensor([[0., 2., 0.]]), torch.Generator().manual_seed(0)).tolist()
+    [[1]]
     """
+    cdf = torch.cumsum(weights, -1, dtype=torch.float64)                            # (B, V)
+    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1)
+
+
+@torch.inference_mode()
+def _sample_rows(model, start: int, rows: int, length: int, generator, temperature: float, bar) -> torch.Tensor:
+    """(rows, length) tokens sampled after one `start` token: every row in one batch, a KV cache, logits only at the
+    last position. All rows have the same length, so no padding and no attention mask are needed."""
+    device, kw = execution_device(model), cache_kwarg(model)
+    ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    new = torch.empty(rows, length, dtype=torch.long)
+    for t in range(length):
+        logits = out.logits[:, -1].float()                                           # (rows, V)
+        if temperature != 1: logits = logits / temperature
+        ids = sample_categorical(torch.exp(logits - logits.amax(-1, keepdim=True)), generator)   # (rows, 1)
+        new[:, t] = ids[:, 0].cpu()
+        bar.update(rows)
+        if t < length - 1:
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: output_cache(out)})
+    return new
+
+
+def _documents(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
+    "Each row cut at its EOS tokens into documents (EOS dropped, empty documents skipped)."
+    docs = []
+    for row in rows.tolist():
+        cur = []
+        for t in row:
+            if t == eos:
+                if cur: docs.append(cur)
+                cur = []
+            else: cur.append(t)
+        if cur: docs.append(cur)
+    return docs
+
+
+def model_sampled_corpus(model, tok, n_tokens: int, seed: int = 0, batch_size: int = 256, length: int | None = None,
+                         temperature: float = 1.0, progress: bool = False) -> Corpus:
+    """A corpus of at least `n_tokens` tokens (counted after re-tokenization) of text sampled from `model`: seeded,
+    the global RNG untouched. Rows of `length` tokens (default: n_tokens / batch_size, between 64 and 256) start from
+    the BOS token (EOS when there is none) and are drawn up to `batch_size` at a time (`_sample_rows`): many rows
+    make large matrix products, and a row that emits EOS goes on with a new document, as in packed pretraining text.
+    Sampling happens on first use, once."""
     if not isinstance(n_tokens, int) or n_tokens < 1: raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    if length is None: length = min(256, max(64, math.ceil(n_tokens / batch_size)))
+    for name, v in (("batch_size", batch_size), ("length", length)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature!r}")
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None: raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    max_new = min(max_new_tokens, max_pos - 1) if max_pos else max_new_tokens
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else start
-    settings = dict(n_tokens=n_tokens, seed=seed, batch_size=batch_size, max_new_tokens=max_new, temperature=temperature,
-                    start=start)
+    limit = max_positions(model)
+    length = min(length, limit - 1) if limit else length
+    settings = dict(n_tokens=n_tokens, seed=seed, batch_size=batch_size, length=length, temperature=temperature,
+                    start=start, sampler="inverse-cdf/1")
     memo: list[tuple[str, ...]] = []
 
     def generate() -> tuple[str, ...]:
-        device = ModelAdapter.from_model(model).device("embed")
         texts, total = [], 0
-        with torch.random.fork_rng(devices=_cuda_indices(model)), torch.inference_mode():
-            torch.manual_seed(seed)
+        device = execution_device(model)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+                  desc="sampling text from the model") as bar, eval_mode(model):
             while total < n_tokens:
-                rows = min(batch_size, math.ceil((n_tokens - total) / max_new))    # no more sequences than needed
-                prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
-                                     temperature=temperature, max_new_tokens=max_new, min_new_tokens=0,
-                                     repetition_penalty=1.0, pad_token_id=pad, eos_token_id=eos)[:, 1:].cpu()
-                for row in out.tolist():
-                    if eos is not None and eos in row: row = row[:row.index(eos)]
-                    if not row: continue
-                    texts.append(tok.decode(row, skip_special_tokens=True)); total += len(row)
+                rows = min(batch_size, max(1, math.ceil((n_tokens - total) / length)))   # no more rows than needed
+                for doc in _documents(_sample_rows(model, start, rows, length, gen, temperature, bar),
+                                      tok.eos_token_id):
+                    text = tok.decode(doc, skip_special_tokens=True)
+                    if text.strip():
+                        texts.append(text); total += len(tok(text, add_special_tokens=False)["input_ids"])
         return tuple(texts)
 
     def documents():
         if not memo: memo.append(generate())
         return iter(memo[0])
-    cid = _sha("model-sampled", model_fingerprint(model), tokenizer_fingerprint(tok), json.dumps(settings, sort_keys=True))
-    return Corpus(documents, cid, f"text sampled from the model ({n_tokens:,} tokens, seed {seed})", eos_between=True)
+    cid = digest("model-sampled", model_fingerprint(model), tokenizer_fingerprint(tok), settings)
+    return Corpus(documents, cid, f"text sampled from the model ({n_tokens:,} tokens, seed {seed})", eos_between=True,
+                  prepare=documents, sampled=True)
 
 
 def _hub_reachable(repo: str, timeout: float) -> tuple[bool, str]:
@@ -622,7 +578,7 @@ def default_corpus(model, tok, path: str | os.PathLike | None = None, n_tokens: 
         else: skipped.append(f"Hugging Face {hf_dataset[0]}: {why}")
     if corpus is None:
         if n_tokens is None: raise ValueError("no corpus is available here and n_tokens is None: give n_tokens for model-sampled text")
-        corpus = model_sampled_corpus(model, tok, n_tokens, seed=seed)
+        corpus = model_sampled_corpus(model, tok, n_tokens, seed=seed, progress=verbose)
     if verbose:
         budget = "all of it" if n_tokens is None else f"up to {n_tokens:,} tokens"
         print(f"key-statistics corpus: {corpus.description}; using {budget}"
@@ -630,19 +586,28 @@ def default_corpus(model, tok, path: str | os.PathLike | None = None, n_tokens: 
     return corpus
 
 # %% ../nbs/03_stats.ipynb #67430dc5
-def resolve_n_tokens(n_tokens, d_in: int, min_factor: float = 10) -> int | None:
-    "The token budget: an int as is, None (whole corpus), or 'min' = ceil(min_factor · d_in)."
+AUTO_CORPUS_TOKENS = 100_000      # 'auto' with a real corpus
+
+
+def resolve_n_tokens(n_tokens, d_in: int, min_factor: float = 10, sampled: bool = False) -> int | None:
+    """The token budget: an int as is, None (the whole corpus), 'min' = ceil(min_factor · d_in), or 'auto' = 'min'
+    for text sampled from the model (each token costs a full forward pass) and `AUTO_CORPUS_TOKENS` for a real corpus.
+
+    >>> resolve_n_tokens('auto', 1536, sampled=True), resolve_n_tokens('auto', 1536)
+    (15360, 100000)
+    """
     if n_tokens is None: return None
     if isinstance(n_tokens, str):
-        if n_tokens != "min": raise ValueError(f"n_tokens must be an int, None or 'min', got {n_tokens!r}")
+        if n_tokens not in ("min", "auto"): raise ValueError(f"n_tokens must be an int, None, 'min' or 'auto', got {n_tokens!r}")
         if not min_factor >= 1: raise ValueError(f"min_factor must be ≥ 1 (C0 needs ≥ d_in keys), got {min_factor!r}")
+        if n_tokens == "auto" and not sampled: return AUTO_CORPUS_TOKENS
         return math.ceil(min_factor * d_in)
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive int, None or 'min', got {n_tokens!r}")
+        raise ValueError(f"n_tokens must be a positive int, None, 'min' or 'auto', got {n_tokens!r}")
     return n_tokens
 
 
-def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | None = "min", min_factor: float = 10,
+def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | None = "auto", min_factor: float = 10,
                       max_length: int | None = None, batch_size: int = 8, pack: bool = True,
                       prefix: Sequence[int] | None = None, cache: StatsCache | str | os.PathLike | None = None,
                       adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,
@@ -650,24 +615,29 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
     """C0 = mean k kᵀ of the rewrite-module inputs of `layers`, from one truncated pass over `corpus` (cached).
 
     `corpus`: anything `as_corpus` accepts, or None for `default_corpus` (model-sampled text here). `n_tokens`: an
-    int budget, None (whole corpus), or 'min' (= min_factor · d_in). `max_length` defaults to min(512, the model's
-    context). `cache`: a `StatsCache` or a directory.
+    int budget, None (whole corpus), 'min' (= min_factor · d_in) or 'auto' ('min' for model-sampled text, 100,000
+    tokens of a real corpus). `max_length` defaults to min(512, the model's context). `cache`: a `StatsCache` or a
+    directory.
     """
     adapter = adapter if adapter is not None else ModelAdapter.from_model(model)
     layers = _layer_list(layers, adapter)
-    budget = resolve_n_tokens(n_tokens, max(adapter.d_in(i) for i in layers), min_factor)
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    d_in = max(adapter.d_in(i) for i in layers)
+    if corpus is None:
+        corpus = default_corpus(model, tok, n_tokens=resolve_n_tokens(n_tokens, d_in, min_factor, sampled=True),
+                                seed=seed, verbose=progress)
+    else: corpus = as_corpus(corpus)
+    budget = resolve_n_tokens(n_tokens, d_in, min_factor, sampled=corpus.sampled)
+    ctx = max_positions(model)
     if max_length is None: max_length = min(512, ctx) if ctx else 512
     if ctx and max_length > ctx: raise ValueError(f"max_length={max_length} exceeds the model's context of {ctx} tokens")
-    corpus = default_corpus(model, tok, n_tokens=budget, seed=seed, verbose=progress) if corpus is None else as_corpus(corpus)
     prefix = special_prefix(tok) if prefix is None else [int(t) for t in prefix]
     if isinstance(cache, (str, os.PathLike)): cache = StatsCache(cache)
-    if report_cond is None: report_cond = n_tokens == "min"
+    if report_cond is None: report_cond = n_tokens in ("min", "auto")
 
     result: dict[int, LayerStats] = {}
     keys = {}
     if cache is not None:
-        common = dict(format=CACHE_FORMAT, model=model_id(model), weights=model_fingerprint(model),
+        common = dict(format=CACHE_FORMAT, model=model_id(model),
                       tokenizer=tokenizer_fingerprint(tok), corpus=corpus.id, n_tokens=budget, max_length=max_length,
                       pack=pack, prefix=prefix, model_dtype=str(adapter.weight(layers[0]).dtype),
                       matmul_dtype=str(matmul_dtype), allow_tf32=allow_tf32)
@@ -678,6 +648,12 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
     missing = [i for i in layers if i not in result]
     info = dict(corpus=corpus.description, corpus_id=corpus.id, n_tokens=budget, max_length=max_length, pack=pack)
     if missing:
+        if progress:
+            where = (f"cached in {cache.directory}, reused by later edits of this model with the same layers, corpus "
+                     "and budget" if cache is not None else "not cached (pass cache=... to keep them)")
+            print(f"key statistics of layer(s) {missing}: {'all' if budget is None else f'{budget:,}'} tokens of "
+                  f"{corpus.description}; {where}")
+        corpus.prepare()                                   # e.g. sample the text now, under its own progress bar
         col = KeyStatsCollector(model, missing, adapter=adapter, matmul_dtype=matmul_dtype, allow_tf32=allow_tf32)
         bar = tqdm(total=budget, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
                    desc=f"key stats, layer{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))}")
@@ -687,6 +663,7 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
                 bar.update(col.update(ids, mask))
         secs = time.perf_counter() - t0
         n = col.counts[missing[0]]
+        if progress and secs > 0: print(f"key statistics: {n:,} tokens in {secs:.1f} s ({n / secs:,.0f} tokens/s)")
         if n == 0: raise ValueError(f"the corpus {corpus.description!r} produced no tokens")
         if budget is not None and n < budget:
             warnings.warn(f"the corpus {corpus.description!r} has only {n:,} tokens, fewer than n_tokens={budget:,}")

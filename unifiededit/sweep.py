@@ -5,12 +5,10 @@
 # %% ../nbs/12_sweep.ipynb #c6f4b589
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,57 +17,25 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .data import EditRecord
 from .editing import edit
 from .hparams import HParams
 from .keys import ContextTemplates, EditRequest
 from .metrics import METRICS, evaluate, harmonic_mean, mean_ci
-from .models import ModelAdapter
-from .pretrained import model_id
-from .stats import collect_key_stats, tokenizer_fingerprint
+from .models import ModelAdapter, execution_device
+from .stats import collect_key_stats
+from .store import (TensorCache, clean_stale_temps, digest, tensors_digest, load_tensors, model_id, read_json, save_tensors,
+                               tokenizer_fingerprint, write_json_atomic)
 from .values import TargetValues, compute_target_values
 
 # %% auto #0
 __all__ = ['VALUE_CACHE_FORMAT', 'VALUE_HPARAMS', 'EARLY_STOP_LOSS', 'SCORE_METRICS', 'MAGNITUDE_METRICS', 'BATCH_FORMAT',
-           'METHOD_COLORS', 'METHOD_MARKERS', 'MODE_STYLES', 'ABBR', 'write_json_atomic', 'read_json', 'model_key',
-           'ValueCache', 'cached_target_values', 'SweepConfig', 'default_layer_modes', 'record_batches', 'SweepResults',
-           'load_sweep', 'paired_difference', 'SweepRun', 'run_sweep', 'plot_sweep', 'plot_diagnostics',
-           'sweep_from_args']
+           'METHOD_COLORS', 'METHOD_MARKERS', 'MODE_STYLES', 'ABBR', 'model_key', 'ValueCache', 'cached_target_values',
+           'SweepConfig', 'default_layer_modes', 'record_batches', 'SweepResults', 'load_sweep', 'paired_difference',
+           'SweepRun', 'run_sweep', 'plot_sweep', 'plot_diagnostics', 'sweep_from_args']
 
 # %% ../nbs/12_sweep.ipynb #20b343a2
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    "Write `obj` as JSON to `path` atomically (temporary file + fsync + rename). NaN/inf are refused: convert first."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
-
-
-def read_json(path: str | os.PathLike) -> dict | None:
-    "The JSON object in `path`; None if the file is missing, and None with a warning if it is unreadable (corrupt)."
-    path = Path(path)
-    if not path.is_file(): return None
-    try: return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        warnings.warn(f"{path} is not valid JSON ({e}); it will be recomputed")
-        return None
-
-
-def _digest(obj) -> str:
-    "sha256 of the canonical JSON of `obj`."
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
 def _num(v):
     "A float for JSON: finite floats as is, NaN/inf as the strings 'nan', 'inf', '-inf' (read back with float())."
     v = float(v)
@@ -83,9 +49,9 @@ _SCALARS = ("loss_init", "loss_final", "nll_final", "kl_final", "prob_init", "pr
 
 
 def model_key(model) -> str:
-    "The identity of a model's current weights for caching: `model_id`, parameter dtype and device type."
-    p = next(model.parameters())
-    return f"{model_id(model)}|{str(p.dtype).replace('torch.', '')}|{p.device.type}"
+    """The identity of a model's current weights (`model_id`, which covers every weight and its dtype) and of the kind of
+    device it computes on (float rounding differs between CPU and GPU kernels)."""
+    return f"{model_id(model)}|{execution_device(model).type}"
 
 
 def _request_ident(r) -> dict:
@@ -94,14 +60,18 @@ def _request_ident(r) -> dict:
 
 
 class ValueCache:
-    """Target values on disk, one safetensors file per (model, tokenizer, request, layer, hook, templates, value
-    hyper-parameters); written atomically, verified on load (a corrupt entry is reported, removed, recomputed).
+    """Target values on disk, one verified file per (model, tokenizer, request, layer, hook, templates, value
+    hyper-parameters): chapter 2's `TensorCache`, sharded. A corrupt entry is reported, removed and recomputed.
 
     `hits`, `computed` and `corrupt` count what happened since the object was made.
     """
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        self.hits = self.computed = self.corrupt = 0
+        self._files = TensorCache(self.root, "target-value cache", shard=True)
+        self.computed = 0
+
+    hits = property(lambda self: self._files.hits)
+    corrupt = property(lambda self: self._files.corrupt)
 
     def __repr__(self) -> str:
         return f"ValueCache({str(self.root)!r}, hits={self.hits}, computed={self.computed}, corrupt={self.corrupt})"
@@ -115,58 +85,14 @@ class ValueCache:
                 "templates": ContextTemplates.coerce(templates).groups,
                 "hparams": {k: hp[k] for k in VALUE_HPARAMS}, "early_stop_loss": EARLY_STOP_LOSS}
 
-    def path(self, key: dict) -> Path:
-        h = _digest(key)
-        return self.root / h[:2] / f"{h[:40]}.safetensors"
-
-    @staticmethod
-    def _checksum(key: dict, tensors: dict) -> str:
-        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-        for name in sorted(tensors):
-            t = tensors[name].detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode()); h.update(t.numpy().tobytes())
-        return h.hexdigest()
+    def path(self, key: dict) -> Path: return self._files.path(key)
 
     def load(self, key: dict) -> dict | None:
         "The cached entry (name -> tensor) for `key`, or None (missing, or corrupt: then reported and removed)."
-        path = self.path(key)
-        if not path.is_file(): return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            why = None
-            if json.loads(meta.get("key", "null")) != key: why = "its key does not match"
-            elif meta.get("checksum") != self._checksum(key, tensors): why = "checksum mismatch"
-            else:
-                d, steps = tensors["delta"].shape, key["hparams"]["v_num_grad_steps"]
-                if tensors["h"].shape != d or tensors["loss_history"].shape != (steps,) or len(d) != 1:
-                    why = "unexpected tensor shapes"
-                elif not (torch.isfinite(tensors["delta"]).all() and torch.isfinite(tensors["h"]).all()):
-                    why = "non-finite values"
-        except Exception as e:                               # unparsable file, missing tensor, bad metadata
-            why = f"unreadable ({type(e).__name__}: {e})"
-        if why is None:
-            self.hits += 1
-            return tensors
-        self.corrupt += 1
-        warnings.warn(f"corrupt target-value cache entry {path} ({why}): removed, will be recomputed")
-        path.unlink(missing_ok=True)
-        return None
+        hit = self._files.load(key)
+        return None if hit is None else hit[0]
 
-    def save(self, key: dict, tensors: dict) -> Path:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        meta = {"key": json.dumps(key, sort_keys=True), "checksum": self._checksum(key, tensors)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.remove(tmp)
-        return path
+    def save(self, key: dict, tensors: dict) -> Path: return self._files.save(key, tensors)
 
 # %% ../nbs/12_sweep.ipynb #80f0dc73
 def _entry(tv: TargetValues, j: int) -> dict:
@@ -208,17 +134,17 @@ def cached_target_values(model, tok, requests: Sequence, layer: int, templates, 
     entries = [cache.load(k) for k in keys]
     todo = {}                                                  # digest -> first index (identical requests: once)
     for j, e in enumerate(entries):
-        if e is None: todo.setdefault(_digest(keys[j]), j)
+        if e is None: todo.setdefault(digest(keys[j]), j)
     if todo:
         idx = list(todo.values())
         tv = compute_target_values(model, tok, [reqs[j] for j in idx], layer, templates, **kw)
         fresh = {}
         for i, j in enumerate(idx):
-            fresh[_digest(keys[j])] = _entry(tv, i)
-            cache.save(keys[j], fresh[_digest(keys[j])])
+            fresh[digest(keys[j])] = _entry(tv, i)
+            cache.save(keys[j], fresh[digest(keys[j])])
         cache.computed += len(idx)
-        entries = [e if e is not None else fresh[_digest(k)] for e, k in zip(entries, keys)]
-    return _assemble(entries, reqs, layer, hook, next(model.parameters()).device)
+        entries = [e if e is not None else fresh[digest(k)] for e, k in zip(entries, keys)]
+    return _assemble(entries, reqs, layer, hook, execution_device(model))
 
 # %% ../nbs/12_sweep.ipynb #ab630775
 @dataclass(frozen=True)
@@ -424,21 +350,20 @@ class SweepRun:
 
 
 def _stats_digest(stats, layers) -> dict:
-    return {str(l): hashlib.sha256(getattr(stats[l], "mom2", stats[l]).detach().cpu().contiguous().numpy().tobytes()
-                                   ).hexdigest()[:16] for l in layers}
+    return {str(l): tensors_digest({"C0": getattr(stats[l], "mom2", stats[l])})[:16] for l in layers}
 
 
 def _snapshot(adapter, layers) -> dict:
-    return {l: adapter.module("rewrite", l).weight.detach().clone() for l in layers}
+    return {l: adapter.read_weight(l).clone() for l in layers}
 
 
 @torch.no_grad()
 def _restore(adapter, snap: dict):
-    for l, w in snap.items(): adapter.module("rewrite", l).weight.copy_(w)
+    for l, w in snap.items(): adapter.write_weight(l, w)
 
 
 def _check_restored(adapter, snap: dict, what: str):
-    bad = [l for l, w in snap.items() if not torch.equal(adapter.module("rewrite", l).weight, w)]
+    bad = [l for l, w in snap.items() if not torch.equal(adapter.read_weight(l), w)]
     if bad: raise RuntimeError(f"after {what}, the weights of layer(s) {bad} differ from the unedited model's")
 
 
@@ -446,7 +371,7 @@ def _edit_diag(es: list, adapter, base: dict, layers) -> dict:
     "Diagnostics of a batch's edit(s): total ‖Δ‖ (from the weights), per-layer solver info, z statistics."
     layers_d = {}
     for l in layers:
-        w = adapter.module("rewrite", l).weight
+        w = adapter.read_weight(l)
         per = [e.diagnostics["layers"][str(l)] for e in es]
         d = {"delta_norm": _num((w.double() - base[l].double()).norm())}
         for k in ("cond_gram", "constraint_residual", "preservation_cost", "residual_norm", "ridge"):
@@ -542,6 +467,7 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
     overrides = dict(overrides or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for d in [out_dir, *out_dir.glob("*/"), *out_dir.glob(".state/*/")]: clean_stale_temps(d)   # a killed run's leftovers
     if value_cache is not None and not isinstance(value_cache, ValueCache): value_cache = ValueCache(value_cache)
     adapter = ModelAdapter.from_model(model)
     seconds = {k: 0.0 for k in ("stats", "templates", "pre_eval", "values", "batches")}
@@ -589,7 +515,7 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
 
     # pre-edit evaluation (extended to new records)
     t = time.perf_counter()
-    pre_fp = _digest({"model": base_key, "tokenizer": tok_key, "eval": eval_settings})
+    pre_fp = digest({"model": base_key, "tokenizer": tok_key, "eval": eval_settings})
     pre = read_json(out_dir / "pre.json")
     if pre is not None and pre.get("fingerprint") != pre_fp:
         if not overwrite:
@@ -611,7 +537,7 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
                 "stats": stats_id, "hparams": {k: v for k, v in hp.to_dict().items() if k != "meta"},
                 "templates": templates.groups, "value_hook": _hook_for(hp), "eval": eval_settings,
                 "sequential_eval": sequential_eval if sequential else None}
-        fp = _digest(desc)
+        fp = digest(desc)
         cdir = out_dir / cfg.name
         old = read_json(cdir / "config.json")
         if old is not None and old.get("fingerprint") != fp:
@@ -679,12 +605,10 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
                 if not path.is_file():
                     raise FileNotFoundError(f"{cfg.name}: batches 0..{last} are finished but the weights after batch "
                                             f"{last} ({path}) are missing; rerun with overwrite=True to start over")
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    if meta.get("fingerprint") != fp or meta.get("base_model") != base_key:
-                        raise ValueError(f"{path} belongs to another configuration or base model")
-                    with torch.no_grad():
-                        for l in cfg.layers: adapter.module("rewrite", l).weight.copy_(f.get_tensor(f"layer.{l}"))
+                tensors, meta = load_tensors(path)                # CorruptFile if damaged: never resume from it
+                if meta.get("fingerprint") != fp or meta.get("base_model") != base_key:
+                    raise ValueError(f"{path} belongs to another configuration or base model")
+                _restore(adapter, {l: tensors[f"layer.{l}"] for l in cfg.layers})
             for b, recs in enumerate(batches):
                 if b in done: continue
                 if over_budget(len(recs)): stopped = "time budget"; break
@@ -699,7 +623,7 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
                     diag = _edit_diag(es, adapter, before, cfg.layers)
                     if sequential:
                         diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
-                            float((adapter.module("rewrite", l).weight.double() - snap[l].double()).norm()) ** 2
+                            float((adapter.read_weight(l).double() - snap[l].double()).norm()) ** 2
                             for l in cfg.layers)))
                     te = time.perf_counter()
                     last_batch = b == len(batches) - 1
@@ -719,15 +643,9 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
                           "seconds": {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
                                       "edit": t_edit, "eval": t_eval, "total": time.perf_counter() - tb}}
                 if sequential:                                # weights first, then the result that points to them
-                    sdir.mkdir(parents=True, exist_ok=True)
-                    tensors = {f"layer.{l}": adapter.module("rewrite", l).weight.detach().cpu().contiguous()
-                               for l in cfg.layers}
-                    fd, tmp = tempfile.mkstemp(dir=sdir, suffix=".tmp"); os.close(fd)
-                    try:
-                        save_file(tensors, tmp, metadata={"fingerprint": fp, "base_model": base_key, "batch": str(b)})
-                        os.replace(tmp, sdir / f"after_{b:05d}.safetensors")
-                    finally:
-                        if os.path.exists(tmp): os.remove(tmp)
+                    save_tensors(sdir / f"after_{b:05d}.safetensors",
+                                 {f"layer.{l}": adapter.read_weight(l) for l in cfg.layers},
+                                 {"fingerprint": fp, "base_model": base_key, "batch": b})
                 write_json_atomic(cdir / f"batch_{b:05d}.json", result)
                 if sequential and b > 0: (sdir / f"after_{b - 1:05d}.safetensors").unlink(missing_ok=True)
                 n_new += 1

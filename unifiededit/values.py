@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from .hooks import Trace, add_at_positions, replace_main
-from .keys import ContextTemplates, EditRequest, encode_with_subject, fill, pad_id, pad_right, target_text
-from .models import ModelAdapter
+from .keys import (ContextTemplates, EditRequest, check_fits, encode_with_subject, fill, pad_id, pad_right,
+                              target_text)
+from .models import ModelAdapter, cache_kwarg, eval_mode, execution_device, output_cache
 
 # %% auto #0
-__all__ = ['KL_PROMPT', 'HOOKS', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'TargetValues', 'frozen_eval',
-           'compute_target_values_serial', 'prefix_reuse_supported', 'compute_target_values']
+__all__ = ['KL_PROMPT', 'HOOKS', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'fitting_value_prompts', 'TargetValues',
+           'frozen_eval', 'compute_target_values_serial', 'prefix_reuse_unsupported', 'prefix_reuse_supported',
+           'compute_target_values']
 
 # %% ../nbs/05_values.ipynb #b83c6781
 KL_PROMPT = "{} is a"
@@ -75,6 +77,17 @@ def value_prompts(tok, request: EditRequest, templates) -> ValuePrompts:
         rows.append(x + target[:-1])
     return ValuePrompts(rows + [ids[-1]], pos, target, tpos)
 
+
+def fitting_value_prompts(model, tok, requests: Sequence, templates) -> list[ValuePrompts]:
+    "`value_prompts` of every request, refused (naming the request) when a row is longer than the model's positions."
+    reqs = [EditRequest.from_any(r) for r in requests]
+    prompts = [value_prompts(tok, r, templates) for r in reqs]
+    where = [(e, j) for e, vp in enumerate(prompts) for j in range(len(vp.input_ids))]
+    check_fits(model, [prompts[e].input_ids[j] for e, j in where],
+               lambda i: f"value prompt {where[i][1]} of request {where[i][0]} ({reqs[where[i][0]].text[:60]!r}…, "
+                         "target appended)")
+    return prompts
+
 # %% ../nbs/05_values.ipynb #d063decf
 @dataclass
 class TargetValues:
@@ -95,6 +108,7 @@ class TargetValues:
     layer: int = 0
     hook: str = "layer"
     requests: list = field(default_factory=list)
+    path: str = ""                    # how they were computed: 'suffix', 'full' or 'serial' ('' = unknown, e.g. cached)
 
     @property
     def z(self) -> torch.Tensor:
@@ -122,16 +136,13 @@ def _check_hparams(v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weigh
 
 @contextmanager
 def frozen_eval(model):
-    "Parameters' requires_grad off and eval mode for the duration; both restored on exit (even on error)."
+    "Parameters' requires_grad off and eval mode (chapter 1) for the duration; both restored on exit (even on error)."
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
     try:
         for p, _ in flags: p.requires_grad_(False)
-        model.eval()
-        yield model
+        with eval_mode(model): yield model
     finally:
         for p, f in flags: p.requires_grad_(f)
-        model.train(training)
 
 
 def _non_finite(request, what: str, value) -> ValueError:
@@ -150,12 +161,12 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
     if not reqs: raise ValueError("no edit requests given")
     adapter = adapter or ModelAdapter.from_model(model)
     name = _hook_name(adapter, layer, hook)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     out = {k: [] for k in ("delta", "h", "loss_init", "loss_final", "nll", "kl", "p0", "p1", "n", "hist")}
     from tqdm.auto import tqdm
     with frozen_eval(model):
         for req in tqdm(reqs, disable=not progress, desc="values (serial)"):
-            vp = value_prompts(tok, req, templates)
+            vp = fitting_value_prompts(model, tok, [req], templates)[0]
             N, T = vp.n_rewrite, len(vp.target_ids)
             ids, mask = pad_right(vp.input_ids, pad_id(tok), device)
             rows = torch.arange(N + 1, device=device)
@@ -207,7 +218,7 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
     return TargetValues(delta=torch.stack(out["delta"]), h=torch.stack(out["h"]),
                         loss_init=f("loss_init"), loss_final=f("loss_final"), nll_final=f("nll"), kl_final=f("kl"),
                         prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor(out["n"]),
-                        loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs)
+                        loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs, path="serial")
 
 # %% ../nbs/05_values.ipynb #c5e4318e
 class _ChunkOptimizer:
@@ -319,7 +330,7 @@ def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device
 def _optimize_chunk(model, tok, adapter, name, reqs, prompts, v_lr, steps, clamp, kl_factor, wd_factor, stop_at,
                     bar=None):
     "The full-sequence path: every step runs every row of the active edits, right-padded, through the whole model."
-    device = next(model.parameters()).device
+    device = execution_device(model)
     pad = pad_id(tok)
     st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
     for it in range(steps):
@@ -345,9 +356,12 @@ def _optimize_chunk(model, tok, adapter, name, reqs, prompts, v_lr, steps, clamp
 class _Replay(nn.Module):
     """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
     (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
-    def __init__(self, template):
+    def __init__(self, template, block: nn.Module | None = None):
         super().__init__()
         self.template, self.value = template, None
+        if block is not None:      # plain attributes the decoder reads from its blocks (e.g. Gemma-3's attention_type)
+            for k, v in vars(block).items():
+                if not k.startswith("_") and isinstance(v, (str, int, float, bool)): setattr(self, k, v)
 
     def forward(self, *args, **kwargs):
         return replace_main(self.template, self.value)
@@ -361,19 +375,39 @@ def _decoder_layers(adapter: ModelAdapter) -> nn.ModuleList | None:
     return lst if isinstance(lst, nn.ModuleList) and len(lst) == adapter.n_layers else None
 
 
-def prefix_reuse_supported(model) -> bool:
-    """Whether the suffix-only path can run `model`: its decoder takes a `DynamicCache` and explicit position ids
-    (every transformers causal LM here does).
+def prefix_reuse_unsupported(model) -> str | None:
+    """Why the suffix-only path cannot run `model`, or None when it can: its decoder must take a KV cache
+    (`cache_kwarg`, chapter 1) and explicit position ids — every transformers causal LM here does.
 
-    >>> prefix_reuse_supported(tiny_model('gpt2'))
+    >>> prefix_reuse_unsupported(tiny_model('gpt2')) is None
     True
     """
     try:
         from transformers import DynamicCache  # noqa: F401
     except ImportError:
-        return False
-    params = inspect.signature(model.base_model.forward).parameters
-    return "past_key_values" in params and "position_ids" in params
+        return "this transformers version has no DynamicCache"
+    import inspect
+    base = model.base_model
+    if cache_kwarg(base) is None:
+        return f"{type(base).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`)"
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str):
+    "A RuntimeWarning the first time `message` is seen in this process (a lost fast path must never be silent)."
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def prefix_reuse_supported(model) -> bool:
+    "Whether the suffix-only path can run `model` (see `prefix_reuse_unsupported` for why not)."
+    return prefix_reuse_unsupported(model) is None
 
 
 def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
@@ -433,12 +467,12 @@ def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: 
                   if n_replay else None)
         try:
             with Trace(model, names, retain_output=True) as tr:
-                out = model.base_model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(),
-                                       use_cache=True)
+                out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True,
+                                       **{cache_kwarg(model.base_model): DynamicCache()})
         finally:
             if handle is not None: handle.remove()
         template = seen.get("out", template)
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if not hasattr(cache, "layers"):
             raise RuntimeError(f"{type(model).__name__} returned no per-layer KV cache ({type(cache).__name__}); "
                                "use reuse_prefix=False")
@@ -476,7 +510,8 @@ def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, v
     st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
     st.start(h)
     blocks = _decoder_layers(adapter) if n_replay else None
-    stubs = [_Replay(template) for _ in range(n_replay)]
+    stubs = [_Replay(template, blocks[l]) for l in range(n_replay)]
+    ckw = cache_kwarg(model.base_model)
     s_all, P_all = rows["s"], int(rows["s"].max())
     k0 = h                                                                 # dtype/device of the placeholders
     cur = {}
@@ -511,8 +546,8 @@ def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, v
                     cur.update(delta=st.delta[torch.tensor([rows["edit"][r] for r in bk], device=st.delta.device)],
                                rows=torch.arange(len(bk)), cols=torch.zeros(len(bk), dtype=torch.long))
                     hid = model.base_model(input_ids=rows["sfx"][bi, :qb].to(device), attention_mask=mask,
-                                           position_ids=pos, past_key_values=DynamicCache(data),
-                                           use_cache=True).last_hidden_state                # (b, q, d)
+                                           position_ids=pos, use_cache=True,
+                                           **{ckw: DynamicCache(data)}).last_hidden_state               # (b, q, d)
                     hidden.append(hid.reshape(-1, hid.shape[-1]))
                     for b, r in enumerate(bk):
                         j, base = at[rows["edit"][r]], offset + b * qb
@@ -561,14 +596,17 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     if not isinstance(max_tokens, int) or max_tokens < 1: raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
     adapter = adapter or ModelAdapter.from_model(model)
     name = _hook_name(adapter, layer, hook)
-    supported = prefix_reuse_supported(model)
-    if reuse_prefix is None: reuse_prefix = supported
-    elif reuse_prefix and not supported:
-        raise ValueError(f"reuse_prefix=True needs a decoder that takes past_key_values and position_ids; "
-                         f"{type(model.base_model).__name__}.forward does not: use reuse_prefix=False")
+    why_not = prefix_reuse_unsupported(model)
+    if reuse_prefix is None:
+        reuse_prefix = why_not is None
+        if why_not: _warn_once(f"target values: the suffix-only path cannot run here ({why_not}); every step now runs "
+                               "every position of every prompt through the whole model, about 6x the work (chapter 14)")
+    elif reuse_prefix and why_not:
+        raise ValueError(f"reuse_prefix=True: the suffix-only path cannot run {type(model).__name__}: {why_not}; "
+                         "use reuse_prefix=False")
     # blocks below the first one that must run are replayed from the setup pass (when the block list is found)
     n_replay = (layer + 1 if hook == "layer" else layer) if _decoder_layers(adapter) is not None else 0
-    prompts = [value_prompts(tok, r, templates) for r in reqs]
+    prompts = fitting_value_prompts(model, tok, reqs, templates)
     longest = [max(len(x) for x in vp.input_ids) for vp in prompts]
     if batch_size is None:                                   # fit ~max_tokens (padded) tokens per full forward pass
         batch_size = max(1, max_tokens // max(len(vp.input_ids) * n for vp, n in zip(prompts, longest)))
@@ -592,4 +630,5 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     cat = lambda k, dim=0: torch.cat([p[k] for p in parts], dim).index_select(dim, inv.to(parts[0][k].device))
     return TargetValues(delta=cat("delta"), h=cat("h"), loss_init=cat("loss_init"), loss_final=cat("loss_final"),
                         nll_final=cat("nll"), kl_final=cat("kl"), prob_init=cat("p0"), prob_final=cat("p1"),
-                        n_steps=cat("n"), loss_history=cat("hist", 1), layer=layer, hook=hook, requests=reqs)
+                        n_steps=cat("n"), loss_history=cat("hist", 1), layer=layer, hook=hook, requests=reqs,
+                        path="suffix" if reuse_prefix else "full")
