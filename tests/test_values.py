@@ -314,3 +314,43 @@ def test_fast_path_is_taken_on_this_transformers_version(family):
         warnings.simplefilter("error", RuntimeWarning)
         tv = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, progress=False, v_num_grad_steps=2)
     assert tv.path == "suffix", transformers.__version__
+
+
+# ---------------------------------------------------------------- the GPU-shaped variants, checked on the CPU
+@pytest.mark.parametrize("reuse", [False, True])
+def test_padded_groups_and_sparse_syncs_give_the_same_trajectories(reuse):
+    """What a GPU runs by default — one padded group per step, the host reading the state every 4 evaluations (stopped
+    edits computed and masked in between) — follows the reference trajectories exactly, early stops included."""
+    model, tok = setup("bpe")
+    kw = dict(v_num_grad_steps=20, early_stop_loss=early_stop_threshold(model, tok))
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, **kw)
+    got = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, reuse_prefix=reuse,
+                                grouping="padded", sync_every=4, **kw)
+    assert torch.equal(got.n_steps, ser.n_steps) and sorted(got.n_steps.tolist())[1] < 19
+    assert rel_err(got.delta, ser.delta) < 1e-4
+    assert torch.allclose(got.loss_history, ser.loss_history, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_precision_options():
+    "'tf32' only changes CUDA float32 products (on a CPU: identical); 'bfloat16' autocasts and still optimizes."
+    model, tok = setup("sentencepiece")
+    f32 = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, **FAST)
+    tf32 = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, precision="tf32", **FAST)
+    assert torch.equal(f32.delta, tf32.delta)
+    bf16 = compute_target_values(model, tok, REQS[:2], 1, TEMPLATES, precision="bfloat16", **FAST)
+    assert bf16.delta.dtype == torch.float32 and (bf16.loss_final < bf16.loss_init).all()
+    assert not torch.equal(bf16.delta, f32.delta)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        compute_target_values(model, tok, REQS[:1], 1, TEMPLATES, precision="fp8", **FAST)
+
+
+def test_chunk_sizes():
+    "On a CPU chunks hold ~max_tokens padded tokens; the memory estimate behind GPU chunks favours the suffix path."
+    from unifiededit.values import _auto_batch_size, _value_bytes_per_edit, value_prompts
+    model, tok = setup("sentencepiece")
+    prompts = [value_prompts(tok, r, TEMPLATES) for r in REQS]
+    longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)
+    assert _auto_batch_size(model, prompts, 4, True, "float32", 10 * longest, torch.device("cpu")) == 10
+    full, suffix = (_value_bytes_per_edit(model, prompts, n, s, "float32") for n, s in ((4, False), (2, True)))
+    assert 0 < suffix < full
+    assert _value_bytes_per_edit(model, prompts, 4, False, "bfloat16") < full

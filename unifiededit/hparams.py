@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .models import ModelAdapter
+from .store import check_choice, check_int, check_real
 
 # %% auto #0
 __all__ = ['METHODS', 'BOOKKEEPING_FIELDS', 'NOOP_FIELDS', 'LAYER_FRACTION', 'HParams']
@@ -30,35 +30,12 @@ NOOP_FIELDS = {"bias_update": False, "dynamic": False, "dynamic_multiplier": 1, 
                "calculate_objective_value": False}
 
 
-def _choice(name: str, value, allowed):
-    if value not in allowed: raise ValueError(f"unknown {name} {value!r}: use one of {list(allowed)}")
-    return value
-
-
-def _integer(name: str, value, low: int) -> int:
-    "An int (not a bool, not a float like 2.5, not a str) >= low, or an error naming the field and the value."
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < low: raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
-def _real(name: str, value, positive: bool) -> float:
-    "A finite real number, > 0 (`positive`) or >= 0, or an error naming the field and the value."
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value): raise ValueError(f"{name} must be finite, got {value}")
-    if (value <= 0) if positive else (value < 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
-
-
 def _layers(layers) -> list[int]:
     "Sorted layer indices from an int or a list of ints; strings ('12' would be [1, 2]) and floats are refused."
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (numbers.Integral, list, tuple)):
         raise TypeError(f"layers must be an int or a list of ints, got {type(layers).__name__} {layers!r}")
     layers = [layers] if isinstance(layers, numbers.Integral) else list(layers)
-    out = sorted(_integer("layers", l, low=0) for l in layers)
+    out = sorted(check_int("layers", l, low=0) for l in layers)
     if not out: raise ValueError("layers is empty: give at least one layer to edit")
     if len(set(out)) != len(out): raise ValueError(f"layers {out} has duplicates")
     return out
@@ -102,32 +79,32 @@ class HParams:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.method = _choice("method", str(self.method).lower(), METHODS)
+        self.method = check_choice("method", str(self.method).lower(), METHODS)
         self.layers = _layers(self.layers)
         if self.method == "rome" and len(self.layers) != 1:
             raise ValueError(f"ROME edits one layer, got layers={self.layers}; use method='memit' or 'emmet' to spread an edit")
         if self.fact_token != "subject_last":
             raise ValueError(f"fact_token={self.fact_token!r} is not supported; use 'subject_last'")
-        _choice("key_mode", self.key_mode, ("memit", "mean", "bare"))
-        _choice("value_hook", self.value_hook, ("auto", "layer", "rewrite"))
+        check_choice("key_mode", self.key_mode, ("memit", "mean", "bare"))
+        check_choice("value_hook", self.value_hook, ("auto", "layer", "rewrite"))
         for name in ("v_num_grad_steps", "v_batch_size", "seed"):
-            _integer(name, getattr(self, name), low=0 if name == "seed" else 1)
-        if self.v_loss_layer is not None: _integer("v_loss_layer", self.v_loss_layer, low=0)
+            check_int(name, getattr(self, name), low=0 if name == "seed" else 1)
+        if self.v_loss_layer is not None: check_int("v_loss_layer", self.v_loss_layer, low=0)
         for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
-            _real(name, getattr(self, name), positive=True)
+            check_real(name, getattr(self, name), positive=True)
         for name in ("v_weight_decay", "kl_factor", "emmet_lambda"):
-            _real(name, getattr(self, name), positive=False)
+            check_real(name, getattr(self, name), nonnegative=True)
         if not isinstance(self.mom2_adjustment, bool):
             raise TypeError(f"mom2_adjustment must be True or False, got {self.mom2_adjustment!r}")
         if self.mom2_n_tokens is not None and self.mom2_n_tokens not in ("min", "auto"):
-            _integer("mom2_n_tokens", self.mom2_n_tokens, low=1)
-        if self.mom2_max_length is not None: _integer("mom2_max_length", self.mom2_max_length, low=1)
+            check_int("mom2_n_tokens", self.mom2_n_tokens, low=1)
+        if self.mom2_max_length is not None: check_int("mom2_max_length", self.mom2_max_length, low=1)
         params = self.context_template_length_params
         if not (isinstance(params, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in params)):
             raise ValueError(f"context_template_length_params must be a list of [length, count] pairs, got {params!r}")
         for length, count in params:
-            _integer("context_template_length_params length", length, low=1)
-            _integer("context_template_length_params count", count, low=1)
+            check_int("context_template_length_params length", length, low=1)
+            check_int("context_template_length_params count", count, low=1)
 
     def module_overrides(self) -> dict:
         "The module-name fields that are set, as `ModelAdapter.from_model` keyword arguments."

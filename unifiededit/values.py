@@ -5,8 +5,9 @@
 # %% ../nbs/05_values.ipynb #3fb6cd83
 from __future__ import annotations
 
-from contextlib import contextmanager
+import dataclasses
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,11 +18,50 @@ from .hooks import Trace, add_at_positions, replace_main
 from .keys import (ContextTemplates, EditRequest, check_fits, encode_with_subject, fill, pad_id, pad_right,
                               target_text)
 from .models import ModelAdapter, cache_kwarg, eval_mode, execution_device, output_cache
+from .store import check_choice, check_int, check_real
 
 # %% auto #0
-__all__ = ['KL_PROMPT', 'HOOKS', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'fitting_value_prompts', 'TargetValues',
-           'frozen_eval', 'compute_target_values_serial', 'prefix_reuse_unsupported', 'prefix_reuse_supported',
-           'compute_target_values']
+__all__ = ['PRECISIONS', 'KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompts', 'value_prompts',
+           'fitting_value_prompts', 'TargetValues', 'frozen_eval', 'forward_precision', 'compute_target_values_serial',
+           'prefix_reuse_unsupported', 'prefix_reuse_supported', 'compute_target_values']
+
+# %% ../nbs/05_values.ipynb #ff0f722e
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """The settings that determine a target value (upstream `compute_z`'s names and defaults).
+
+    >>> ValueConfig(v_num_grad_steps=10).replace(v_lr=0.1).v_lr
+    0.1
+    """
+    v_lr: float = 0.5                  # Adam's learning rate
+    v_num_grad_steps: int = 25         # evaluations of the loss (so at most v_num_grad_steps - 1 Adam steps)
+    clamp_norm_factor: float = 4.0     # c: ‖δ‖ ≤ c‖h‖
+    kl_factor: float = 0.0625          # λ_KL
+    v_weight_decay: float = 1e-3       # λ_wd
+    early_stop_loss: float = 5e-2      # an edit stops once its loss is below this
+    precision: str = "float32"         # of the forward passes: 'float32', 'tf32' or 'bfloat16'
+
+    def __post_init__(self):
+        check_int("v_num_grad_steps", self.v_num_grad_steps, low=1)
+        for name in ("v_lr", "clamp_norm_factor"): check_real(name, getattr(self, name), positive=True)
+        for name in ("kl_factor", "v_weight_decay"): check_real(name, getattr(self, name), nonnegative=True)
+        check_real("early_stop_loss", self.early_stop_loss)
+        check_choice("precision", self.precision, PRECISIONS)
+
+    def replace(self, **changes) -> "ValueConfig": return dataclasses.replace(self, **changes)
+    def to_dict(self) -> dict: return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, config: "ValueConfig | None" = None, **changes) -> "ValueConfig":
+        "`config` (default: the defaults) with `changes` applied: how every function here takes its settings."
+        config = cls() if config is None else config
+        if not isinstance(config, cls): raise TypeError(f"config must be a ValueConfig, got {type(config).__name__}")
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+        if unknown: raise TypeError(f"unknown value setting(s) {unknown}; ValueConfig has {[f.name for f in dataclasses.fields(cls)]}")
+        return config.replace(**changes) if changes else config
 
 # %% ../nbs/05_values.ipynb #b83c6781
 KL_PROMPT = "{} is a"
@@ -117,21 +157,13 @@ class TargetValues:
 
     def __len__(self) -> int: return len(self.delta)
 
-
+# %% ../nbs/05_values.ipynb #e8555622
 HOOKS = ("layer", "rewrite")
 
 
 def _hook_name(adapter: ModelAdapter, layer: int, hook: str) -> str:
     if hook not in HOOKS: raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
     return adapter.name(hook, layer)
-
-
-def _check_hparams(v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay):
-    if v_num_grad_steps < 1: raise ValueError(f"v_num_grad_steps must be >= 1, got {v_num_grad_steps}")
-    for name, v in (("v_lr", v_lr), ("clamp_norm_factor", clamp_norm_factor)):
-        if not v > 0: raise ValueError(f"{name} must be > 0, got {v}")
-    for name, v in (("kl_factor", kl_factor), ("v_weight_decay", v_weight_decay)):
-        if not v >= 0: raise ValueError(f"{name} must be >= 0, got {v}")
 
 
 @contextmanager
@@ -145,214 +177,232 @@ def frozen_eval(model):
         for p, f in flags: p.requires_grad_(f)
 
 
+@contextmanager
+def forward_precision(device: torch.device, precision: str):
+    """The forward passes' arithmetic: 'float32' as the caller has it; 'tf32' lets CUDA round float32 products to
+    TF32 (no effect elsewhere); 'bfloat16' autocasts them (parameters, δ and the loss stay float32)."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "bfloat16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16): yield
+    elif precision == "tf32" and device.type == "cuda":
+        m = torch.backends.cuda.matmul
+        if hasattr(m, "fp32_precision"):
+            old = m.fp32_precision; m.fp32_precision = "tf32"
+            try: yield
+            finally: m.fp32_precision = old
+        else:
+            old = m.allow_tf32; m.allow_tf32 = True
+            try: yield
+            finally: m.allow_tf32 = old
+    else: yield
+
+
 def _non_finite(request, what: str, value) -> ValueError:
     return ValueError(f"non-finite {what} ({value}) while optimizing the value of {request.text!r} -> "
                       f"{request.target_new!r}: lower v_lr, check the model's dtype (float16 overflows) or the layer")
 
+# %% ../nbs/05_values.ipynb #2a2290ff
+def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg: ValueConfig) -> dict:
+    "Upstream's `compute_z` loop for one edit; returns its delta, h, losses, probabilities, step count and history."
+    device = execution_device(model)
+    N, T = vp.n_rewrite, len(vp.target_ids)
+    ids, mask = pad_right(vp.input_ids, pad_id(tok), device)                           # (N + 1, L)
+    rows, pos = torch.arange(N + 1, device=device), torch.tensor(vp.subject_pos, device=device)
+    labels = torch.full((N, ids.shape[1]), -100, dtype=torch.long, device=device)      # (N, L)
+    for j, tp in enumerate(vp.target_pos): labels[j, tp] = torch.tensor(vp.target_ids, device=device)
+    st = {"delta": None, "h": None}
 
+    def edit(module_name, act):
+        if st["h"] is None:                                                            # first pass: h, then delta
+            st["h"] = act[0, vp.subject_pos[0]].detach().clone()
+            dt = torch.promote_types(act.dtype, torch.float32)
+            st["delta"] = torch.zeros(act.shape[-1], dtype=dt, device=act.device, requires_grad=True)
+        return add_at_positions(st["delta"].expand(N + 1, -1), rows, pos)(module_name, act)
+
+    opt, kl_init, hist, n_steps = None, None, [], 0
+    for it in range(cfg.v_num_grad_steps):
+        if opt is not None: opt.zero_grad()
+        with Trace(model, [name], retain_output=False, edit_output=edit), forward_precision(device, cfg.precision):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (N + 1, L, V)
+        delta, h = st["delta"], st["h"]
+        if opt is None: opt, fdt = torch.optim.Adam([delta], lr=cfg.v_lr), delta.dtype
+        kl_logp = torch.log_softmax(logits[N, vp.subject_pos[N]].to(fdt), -1)           # (V,)
+        if kl_init is None: kl_init = kl_logp.detach().clone()
+        tok_lp = torch.log_softmax(logits[:N].to(fdt), -1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+        nll_each = -(tok_lp * (labels != -100)).sum(1) / T                             # (N,)
+        nll, kl = nll_each.mean(), (kl_logp.exp() * (kl_logp - kl_init)).sum()
+        loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.to(fdt).norm() ** 2
+        if not torch.isfinite(loss): raise _non_finite(req, "loss", loss.item())
+        hist.append(loss.item())
+        if it == 0: l0, p0 = loss.item(), torch.exp(-nll_each).mean().item()
+        if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1: break
+        loss.backward()
+        opt.step()
+        n_steps += 1
+        with torch.no_grad():                                                          # the norm ball
+            max_norm = cfg.clamp_norm_factor * h.to(fdt).norm()
+            if delta.norm() > max_norm: delta.mul_(max_norm / delta.norm())
+        if not torch.isfinite(delta).all(): raise _non_finite(req, "delta", delta.norm().item())
+    return dict(delta=delta.detach(), h=h.to(fdt), loss_init=l0, loss_final=loss.item(), nll=nll.item(), kl=kl.item(),
+                p0=p0, p1=torch.exp(-nll_each).mean().item(), n=n_steps,
+                hist=hist + [float("nan")] * (cfg.v_num_grad_steps - len(hist)))
+
+# %% ../nbs/05_values.ipynb #683ea2e5
 def compute_target_values_serial(model, tok, requests: Sequence, layer: int, templates=None, *,
-                                 adapter: ModelAdapter | None = None, v_lr: float = 0.5, v_num_grad_steps: int = 25,
-                                 clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                                 v_weight_decay: float = 1e-3, hook: str = "layer", early_stop_loss: float = 5e-2,
-                                 progress: bool = False) -> TargetValues:
-    "The reference: upstream's `compute_z` loop for each edit in turn, with full logits. Same arguments as the batched one."
-    _check_hparams(v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay)
+                                 config: ValueConfig | None = None, adapter: ModelAdapter | None = None,
+                                 hook: str = "layer", progress: bool = False, **settings) -> TargetValues:
+    """The reference: upstream's `compute_z` loop for each edit in turn, with full logits. `settings`: `ValueConfig`
+    fields overriding `config`. Same results as `compute_target_values`, only slower."""
+    cfg = ValueConfig.of(config, **settings)
     reqs = [EditRequest.from_any(r) for r in requests]
     if not reqs: raise ValueError("no edit requests given")
     adapter = adapter or ModelAdapter.from_model(model)
     name = _hook_name(adapter, layer, hook)
-    device = execution_device(model)
-    out = {k: [] for k in ("delta", "h", "loss_init", "loss_final", "nll", "kl", "p0", "p1", "n", "hist")}
     from tqdm.auto import tqdm
     with frozen_eval(model):
-        for req in tqdm(reqs, disable=not progress, desc="values (serial)"):
-            vp = fitting_value_prompts(model, tok, [req], templates)[0]
-            N, T = vp.n_rewrite, len(vp.target_ids)
-            ids, mask = pad_right(vp.input_ids, pad_id(tok), device)
-            rows = torch.arange(N + 1, device=device)
-            pos = torch.tensor(vp.subject_pos, device=device)
-            labels = torch.full((N, ids.shape[1]), -100, dtype=torch.long, device=device)
-            for j, tp in enumerate(vp.target_pos): labels[j, tp] = torch.tensor(vp.target_ids, device=device)
-            delta, h, kl_init = None, None, None
-
-            def edit(module_name, act):
-                nonlocal delta, h
-                if h is None:                                                  # first pass: record h, make delta
-                    h = act[0, vp.subject_pos[0]].detach().clone()
-                    dt = torch.promote_types(act.dtype, torch.float32)
-                    delta = torch.zeros(act.shape[-1], dtype=dt, device=act.device, requires_grad=True)
-                return add_at_positions(delta.expand(N + 1, -1), rows, pos)(module_name, act)
-
-            opt, hist, n_steps = None, [], 0
-            for it in range(v_num_grad_steps):
-                if opt is not None: opt.zero_grad()
-                with Trace(model, [name], retain_output=False, edit_output=edit):
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                if opt is None: opt, fdt = torch.optim.Adam([delta], lr=v_lr), delta.dtype
-                kl_logp = torch.log_softmax(logits[N, vp.subject_pos[N]].to(fdt), -1)       # (V,)
-                if kl_init is None: kl_init = kl_logp.detach().clone()
-                logp = torch.log_softmax(logits[:N].to(fdt), -1)                            # (N, L, V)
-                tok_lp = logp.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)        # (N, L)
-                nll_each = -(tok_lp * (labels != -100)).sum(1) / T                          # (N,)
-                nll = nll_each.mean()
-                kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
-                wd = v_weight_decay * delta.norm() / h.to(fdt).norm() ** 2
-                loss = nll + kl_factor * kl + wd
-                if not torch.isfinite(loss): raise _non_finite(req, "loss", loss.item())
-                hist.append(loss.item())
-                if it == 0: l0, p0 = loss.item(), torch.exp(-nll_each).mean().item()
-                if loss.item() < early_stop_loss or it == v_num_grad_steps - 1: break
-                loss.backward()
-                opt.step()
-                n_steps += 1
-                with torch.no_grad():
-                    max_norm = clamp_norm_factor * h.to(fdt).norm()
-                    if delta.norm() > max_norm: delta.mul_(max_norm / delta.norm())
-                if not torch.isfinite(delta).all(): raise _non_finite(req, "delta", delta.norm().item())
-            for k, v in (("delta", delta.detach()), ("h", h.to(fdt)), ("loss_init", l0), ("loss_final", loss.item()),
-                         ("nll", nll.item()), ("kl", kl.item()), ("p0", p0),
-                         ("p1", torch.exp(-nll_each).mean().item()), ("n", n_steps),
-                         ("hist", hist + [float("nan")] * (v_num_grad_steps - len(hist)))):
-                out[k].append(v)
-    f = lambda k: torch.tensor(out[k], dtype=torch.float32)
-    return TargetValues(delta=torch.stack(out["delta"]), h=torch.stack(out["h"]),
+        out = [_serial_one(model, name, tok, fitting_value_prompts(model, tok, [r], templates)[0], r, cfg)
+               for r in tqdm(reqs, disable=not progress, desc="values (serial)")]
+    f = lambda k: torch.tensor([o[k] for o in out], dtype=torch.float32)
+    return TargetValues(delta=torch.stack([o["delta"] for o in out]), h=torch.stack([o["h"] for o in out]),
                         loss_init=f("loss_init"), loss_final=f("loss_final"), nll_final=f("nll"), kl_final=f("kl"),
-                        prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor(out["n"]),
+                        prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor([o["n"] for o in out]),
                         loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs, path="serial")
 
-# %% ../nbs/05_values.ipynb #c5e4318e
+# %% ../nbs/05_values.ipynb #5c789751
+def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k: int, hid_kl):
+    """Per-edit NLL (k,), mean target probability (k,) and KL-prompt log-probabilities (k, V) of k edits, from final
+    hidden states: hid_t (n_t, d) at the target positions, t_lab (n_t,) the tokens they must predict, t_w (n_t,) = 1/T,
+    t_row (n_t,) their rewrite row (0..n_rw-1), rw_edit (n_rw,) each rewrite row's edit (0..k-1); hid_kl (k, d)."""
+    logp = torch.log_softmax(adapter.logits(hid_t).to(fdt), -1)                              # (n_t, V)
+    dev = logp.device
+    tok_lp = logp.gather(1, t_lab.unsqueeze(1)).squeeze(1)                                   # (n_t,)
+    row_nll = torch.zeros(len(rw_edit), device=dev, dtype=fdt).index_add(0, t_row, -tok_lp * t_w.to(fdt))
+    n_rw = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.ones_like(row_nll))   # N per edit
+    nll = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, row_nll) / n_rw              # (k,)
+    prob = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll.detach())) / n_rw
+    return nll, prob, torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1)
+
+# %% ../nbs/05_values.ipynb #81f77b81
 class _ChunkOptimizer:
-    """The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes: the loss from
-    final hidden states, its record, per-edit early stop, the Adam step and the projection onto the norm ball."""
-    def __init__(self, reqs, steps: int, v_lr: float, clamp: float, kl_factor: float, wd_factor: float,
-                 stop_at: float, bar=None):
-        E = len(reqs)
-        self.reqs, self.steps, self.v_lr, self.clamp, self.stop_at, self.bar = reqs, steps, v_lr, clamp, stop_at, bar
-        self.kl_factor, self.wd_factor = kl_factor, wd_factor
-        self.active = torch.ones(E, dtype=torch.bool)                      # edits still optimizing
-        self.n_steps = torch.zeros(E, dtype=torch.long)
-        self.hist = torch.full((steps, E), float("nan"))
-        self.res = {k: torch.zeros(E) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
-        self.delta = self.h = self.opt = self.kl_init = None
+    "The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes (see above)."
+    def __init__(self, reqs, cfg: ValueConfig, sync_every: int = 1, bar=None):
+        self.reqs, self.cfg, self.sync_every, self.bar, self.delta = reqs, cfg, sync_every, bar, None
 
     def start(self, h: torch.Tensor):
-        "h (E, d): the hooked activation at delta = 0; delta = 0 in float32 (or wider) and its Adam optimizer."
+        "h (E, d): the hooked activation at delta = 0. Creates delta = 0 (float32 or wider), Adam and the record."
+        E, dev = len(self.reqs), h.device
         self.h = h.detach().clone()
-        self.delta = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device,
-                                 requires_grad=True)
-        self.opt = torch.optim.Adam([self.delta], lr=self.v_lr)
+        self.delta = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=dev, requires_grad=True)
+        self.opt = torch.optim.Adam([self.delta], lr=self.cfg.v_lr, **({"fused": True} if dev.type == "cuda" else {}))
+        self.active = torch.ones(E, dtype=torch.bool, device=dev)          # edits still optimizing
+        self.n_steps = torch.zeros(E, dtype=torch.long, device=dev)
+        self.hist = torch.full((self.cfg.v_num_grad_steps, E), float("nan"), device=dev)
+        self.res = {k: torch.zeros(E, device=dev) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
+        self.bad = {w: torch.zeros(E, dtype=torch.bool, device=dev) for w in ("loss", "delta")}
+        self.kl_init, self.batch, self.batch_dev = None, list(range(E)), torch.arange(E, device=dev)
 
-    def idx(self) -> torch.Tensor:
-        "Indices (k,) of the active edits, in chunk order."
-        return self.active.nonzero().flatten()
+    def loss(self, adapter, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl):
+        "Total loss (k,) of the k edits of `self.batch` (in that order), and its NLL, KL and mean target probability."
+        idx, fdt = self.batch_dev, self.delta.dtype
+        nll, prob, kl_logp = _value_loss(adapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, len(idx), hid_kl)
+        if self.kl_init is None: self.kl_init = kl_logp.detach().clone()     # first call: every edit, delta = 0
+        kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(kl_logp.device)])).sum(-1)          # KL(P_δ || P_0)
+        wd = self.cfg.v_weight_decay * self.delta[idx].norm(dim=-1) / self.h[idx].to(fdt).norm(dim=-1) ** 2
+        return nll + self.cfg.kl_factor * kl + wd.to(nll.device), nll, kl, prob
 
-    def loss(self, adapter, idx, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl):
-        """Per-edit loss (k,) of the k active edits `idx`, and its NLL, KL and mean target probability.
-        hid_t (n_t, d): final hidden states at the target positions, t_lab (n_t,) the tokens they must predict, t_w
-        (n_t,) = 1/T, t_row (n_t,) their rewrite row (0..n_rw-1); rw_edit (n_rw,): each rewrite row's edit (0..k-1);
-        hid_kl (k, d): final hidden state at the subject's last token of each edit's KL prompt."""
-        fdt, k = self.delta.dtype, len(idx)
-        logp = torch.log_softmax(adapter.logits(hid_t).to(fdt), -1)                              # (n_t, V)
-        dev = logp.device
-        tok_lp = logp.gather(1, t_lab.to(dev).unsqueeze(1)).squeeze(1)                           # (n_t,)
-        rw_edit = rw_edit.to(dev)
-        row_nll = torch.zeros(len(rw_edit), device=dev, dtype=fdt).index_add(0, t_row.to(dev), -tok_lp * t_w.to(dev, fdt))
-        n_rw = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.ones_like(row_nll))   # N per edit
-        nll = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, row_nll) / n_rw                # (k,)
-        prob = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll.detach())) / n_rw
-        # KL(P_delta || P_0) at the subject's last token of "{subject} is a"
-        kl_logp = torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1)                          # (k, V)
-        if self.kl_init is None: self.kl_init = kl_logp.detach().clone()                         # (E, V): first call, delta = 0
-        kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(dev)])).sum(-1)                    # (k,)
-        i_d = idx.to(self.delta.device)
-        wd = self.wd_factor * self.delta[i_d].norm(dim=-1) / self.h[i_d].to(fdt).norm(dim=-1) ** 2
-        return nll + self.kl_factor * kl + wd.to(dev), nll, kl, prob
+    def step(self, it: int, loss, nll, kl, prob) -> bool:
+        """Record evaluation `it` of the batch; stop the edits below the threshold; unless this was the last
+        evaluation, one Adam step and the projection for the others. Returns False when the chunk is done."""
+        cfg, idx, dev = self.cfg, self.batch_dev, self.delta.device
+        lv, act = loss.detach().to(dev), self.active[idx]
+        self.bad["loss"][idx] |= act & ~torch.isfinite(lv)
+        self.hist[it, idx] = torch.where(act, lv, self.hist[it, idx])
+        if it == 0: self.res["loss_init"][idx], self.res["p0"][idx] = lv, prob.detach().to(dev)
+        for key, v in (("loss_final", lv), ("nll", nll), ("kl", kl), ("p1", prob)):
+            self.res[key][idx] = torch.where(act, v.detach().to(dev), self.res[key][idx])
+        go = act & (lv >= cfg.early_stop_loss)                              # per-edit early stop
+        last = it == cfg.v_num_grad_steps - 1
+        if not last:
+            self.opt.zero_grad()
+            torch.where(go.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
+            before = self.delta.detach().clone()
+            self.opt.step()
+            with torch.no_grad():
+                moved = torch.zeros_like(self.active).index_put_((idx,), go)  # (E,): the edits that step
+                d = torch.where(moved[:, None], self.delta, before)          # stopped edits: undo Adam's move
+                norms, limit = d.norm(dim=-1, keepdim=True), cfg.clamp_norm_factor * self.h.to(d.dtype).norm(dim=-1, keepdim=True)
+                self.delta.copy_(torch.where(moved[:, None] & (norms > limit), d * (limit / norms), d))
+                self.bad["delta"] |= moved & ~torch.isfinite(self.delta).all(-1)
+                self.n_steps += moved
+        self.active[idx] = go
+        return self._sync(it) if last or (it + 1) % self.sync_every == 0 else True
 
-    def step(self, it: int, idx, loss, nll, kl, prob) -> bool:
-        """Record evaluation `it` of the active edits; freeze those below the threshold; unless this was the last
-        evaluation, one Adam step on the rest and the projection. Returns False when the chunk is done."""
-        lv = loss.detach().cpu()
-        bad = (~torch.isfinite(lv)).nonzero().flatten()
-        if len(bad): raise _non_finite(self.reqs[idx[bad[0]]], "loss", lv[bad[0]].item())
-        self.hist[it, idx] = lv
-        if self.bar is not None: self.bar.set_postfix(step=it, optimizing=len(idx), mean_loss=f"{lv.mean().item():.3f}")
-        if it == 0: self.res["loss_init"][:], self.res["p0"][:] = lv, prob.detach().cpu()
-        for key, v in (("loss_final", lv), ("nll", nll.detach().cpu()), ("kl", kl.detach().cpu()), ("p1", prob.detach().cpu())):
-            self.res[key][idx] = v
-        go = lv >= self.stop_at                                            # early stop, per edit
-        if it == self.steps - 1 or not go.any(): return False
-        delta, device = self.delta, self.delta.device
-        self.active[idx[~go]] = False
-        keep = delta.detach()[~self.active.to(device)].clone()
-        self.opt.zero_grad()
-        loss[go.to(loss.device)].sum().backward()
-        self.opt.step()
-        self.n_steps[self.active] += 1
-        with torch.no_grad():
-            delta[~self.active.to(device)] = keep                          # frozen edits: undo Adam's momentum move
-            a = self.active.to(device)
-            norms = delta[a].norm(dim=-1)
-            max_norm = self.clamp * self.h[a].to(delta.dtype).norm(dim=-1)
-            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-            delta[a] = delta[a] * scale.unsqueeze(1)
-        bad = (~torch.isfinite(delta.detach()).all(-1)).nonzero().flatten()
-        if len(bad): raise _non_finite(self.reqs[bad[0]], "delta", delta[bad[0]].norm().item())
+    def _sync(self, it: int) -> bool:
+        "The host reads the state: raise on a non-finite value, drop stopped edits from the batch, report progress."
+        for what, flags in self.bad.items():
+            if flags.any():
+                e = int(flags.nonzero()[0])
+                raise _non_finite(self.reqs[e], what, self.hist[it, e].item() if what == "loss" else self.delta[e].norm().item())
+        active = self.active.nonzero().flatten().tolist()
+        if self.bar is not None:
+            self.bar.set_postfix(step=it, optimizing=len(active), mean_loss=f"{float(self.hist[it].nanmean()):.3f}")
+        if it == self.cfg.v_num_grad_steps - 1 or not active: return False
+        if len(active) < len(self.batch): self.batch, self.batch_dev = active, torch.tensor(active, device=self.delta.device)
         return True
 
     def result(self) -> dict:
-        r = self.res
+        r = {k: v.cpu() for k, v in self.res.items()}
         return dict(delta=self.delta.detach(), h=self.h.to(self.delta.dtype), loss_init=r["loss_init"],
-                    loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps,
-                    hist=self.hist)
+                    loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
+                    hist=self.hist.cpu())
 
-
-def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device):
+# %% ../nbs/05_values.ipynb #dc36e806
+def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device, head_device):
     "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
     seqs, subj, row_edit, kl_rows, first_rows, rw_edit = [], [], [], [], [], []
     t_row, t_pos, t_lab, t_w, t_rw = [], [], [], [], []
     for k, e in enumerate(edits):
-        vp = prompts[e]
-        base = len(seqs)
+        vp, base = prompts[e], len(seqs)
         first_rows.append(base)
         for j, x in enumerate(vp.input_ids):
-            seqs.append(x); subj.append(vp.subject_pos[j]); row_edit.append(k)
+            seqs.append(x); subj.append(vp.subject_pos[j]); row_edit.append(e)
         kl_rows.append(base + vp.n_rewrite)
         for j, tp in enumerate(vp.target_pos):
             t_row += [base + j] * len(tp); t_pos += tp; t_lab += vp.target_ids; t_w += [1.0 / len(tp)] * len(tp)
             t_rw += [len(rw_edit)] * len(tp); rw_edit.append(k)
     ids, mask = pad_right(seqs, pad, device)
-    L = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
+    L = lambda x, dev=device, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)
     return dict(ids=ids, mask=mask, subj=L(subj), row_edit=L(row_edit), kl_rows=L(kl_rows), first_rows=L(first_rows),
-                rw_edit=L(rw_edit), t_row=L(t_row), t_pos=L(t_pos), t_lab=L(t_lab), t_w=L(t_w, torch.float32),
-                t_rw=L(t_rw))
+                t_row=L(t_row), t_pos=L(t_pos), t_lab=L(t_lab, head_device), t_w=L(t_w, head_device, torch.float32),
+                t_rw=L(t_rw, head_device), rw_edit=L(rw_edit, head_device))
 
 
-def _optimize_chunk(model, tok, adapter, name, reqs, prompts, v_lr, steps, clamp, kl_factor, wd_factor, stop_at,
-                    bar=None):
-    "The full-sequence path: every step runs every row of the active edits, right-padded, through the whole model."
-    device = execution_device(model)
-    pad = pad_id(tok)
-    st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
-    for it in range(steps):
-        idx = st.idx()
-        b = _chunk_batch(prompts, idx.tolist(), pad, device)
-        idx_d = idx.to(device)
+def _optimize_chunk(model, tok, adapter, name, reqs, prompts, cfg: ValueConfig, sync_every: int = 1, bar=None):
+    "The full-sequence path: every step runs every row of the batch's edits, right-padded, through the whole model."
+    device, head, pad = execution_device(model), adapter.device("lm_head"), pad_id(tok)
+    st, b = _ChunkOptimizer(reqs, cfg, sync_every, bar), None
+    for it in range(cfg.v_num_grad_steps):
+        if b is None or b["edits"] != st.batch:
+            b = dict(_chunk_batch(prompts, list(range(len(reqs))) if st.delta is None else st.batch, pad, device, head),
+                     edits=list(range(len(reqs))) if st.delta is None else list(st.batch))
 
         def edit(module_name, act):
-            if st.delta is None:                                           # first pass: all edits present, delta = 0
-                st.start(act[b["first_rows"], b["subj"][b["first_rows"]]])
+            if st.delta is None:                                           # first pass: every edit, delta = 0
+                fr = b["first_rows"].to(act.device)
+                st.start(act[fr, b["subj"].to(act.device)[fr]])
             rows = torch.arange(len(b["row_edit"]), device=act.device)
-            return add_at_positions(st.delta[idx_d[b["row_edit"]].to(st.delta.device)], rows, b["subj"])(module_name, act)
+            return add_at_positions(st.delta[b["row_edit"].to(st.delta.device)], rows, b["subj"])(module_name, act)
 
-        with Trace(model, [name], retain_output=False, edit_output=edit):
+        with Trace(model, [name], retain_output=False, edit_output=edit), forward_precision(device, cfg.precision):
             hidden = adapter.final_hidden(b["ids"], b["mask"])            # (R, T, d): no logits yet
-        kl_rows = b["kl_rows"]
-        loss, nll, kl, prob = st.loss(adapter, idx, hidden[b["t_row"], b["t_pos"]], b["t_lab"], b["t_w"], b["t_rw"],
-                                      b["rw_edit"], hidden[kl_rows, b["subj"][kl_rows]])
-        if not st.step(it, idx, loss, nll, kl, prob): break
+            at = lambda x: x.to(hidden.device)
+            kl_rows = at(b["kl_rows"])
+            loss, nll, kl, prob = st.loss(adapter, hidden[at(b["t_row"]), at(b["t_pos"])], b["t_lab"], b["t_w"],
+                                          b["t_rw"], b["rw_edit"], hidden[kl_rows, at(b["subj"])[kl_rows]])
+        if not st.step(it, loss, nll, kl, prob): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #85071037
+# %% ../nbs/05_values.ipynb #8f28aadf
 class _Replay(nn.Module):
     """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
     (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
@@ -375,6 +425,16 @@ def _decoder_layers(adapter: ModelAdapter) -> nn.ModuleList | None:
     return lst if isinstance(lst, nn.ModuleList) and len(lst) == adapter.n_layers else None
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str):
+    "A RuntimeWarning the first time `message` is seen in this process (a lost fast path must never be silent)."
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def prefix_reuse_unsupported(model) -> str | None:
     """Why the suffix-only path cannot run `model`, or None when it can: its decoder must take a KV cache
     (`cache_kwarg`, chapter 1) and explicit position ids — every transformers causal LM here does.
@@ -395,21 +455,11 @@ def prefix_reuse_unsupported(model) -> str | None:
     return None
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str):
-    "A RuntimeWarning the first time `message` is seen in this process (a lost fast path must never be silent)."
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def prefix_reuse_supported(model) -> bool:
     "Whether the suffix-only path can run `model` (see `prefix_reuse_unsupported` for why not)."
     return prefix_reuse_unsupported(model) is None
 
-
+# %% ../nbs/05_values.ipynb #13da46c5
 def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
     """The rows of a chunk for the suffix path. Row r (edit `edit[r]`) is split at its subject's last token s[r]:
     the prefix [0, s) is never recomputed; the suffix [s, s + q) is run at every step — up to the last target
@@ -439,7 +489,7 @@ def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
         cur.append(r); width = max(width, lengths[r])
     return groups + [cur] if cur else groups
 
-
+# %% ../nbs/05_values.ipynb #33518d3e
 @torch.no_grad()
 def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: dict, n_edits: int, pad: int,
                   max_tokens: int):
@@ -498,104 +548,138 @@ def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: 
             replay[gi.to(ra.device)] = ra.gather(1, srcq[..., None].expand(g, Q, ra.shape[-1]))
     return kv, replay, h, template
 
+# %% ../nbs/05_values.ipynb #8c8acfbb
+def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, n_replay: int, n_layers: int,
+                 device, head_device) -> dict:
+    "The per-step inputs of the suffix path for the chunk edits `edits` (see above)."
+    at = {e: j for j, e in enumerate(edits)}                              # chunk edit -> position in the batch
+    sel = [r for r, e in enumerate(rows["edit"]) if e in at]
+    buckets = {}
+    for r in sel: buckets.setdefault(rows["q"][r] if grouping == "exact" else max(rows["q"][i] for i in sel), []).append(r)
+    s_all, P_all = rows["s"], int(rows["s"].max())
+    ref = next(iter(kv.values()))[0] if kv else replay                   # dtype and device of the placeholders
+    groups, t_flat, t_lab, t_w, t_row, rw_edit, kl_flat, offset = [], [], [], [], [], [], [0] * len(edits), 0
+    for qb in sorted(buckets):
+        bk = buckets[qb]
+        whole = bk == list(range(len(rows["q"])))                          # every row, in order: no gather needed
+        bi, s_b = torch.tensor(bk), s_all[bk]
+        P = P_all if whole else int(s_b.max())
+        data = [(ref.new_zeros((len(bk), 1, P, 1)),) * 2 if l < n_replay     # never run: a size-only placeholder
+                else (kv[l] if whole else tuple(t[bi.to(t.device), :, P_all - P:] for t in kv[l]))
+                for l in range(n_layers)]
+        mask = torch.cat([torch.arange(P)[None] >= (P - s_b)[:, None], torch.ones(len(bk), qb, dtype=torch.bool)], 1)
+        groups.append(dict(ids=rows["sfx"][bi, :qb].to(device), mask=mask.long().to(device), data=data,
+                           pos=(s_b[:, None] + torch.arange(qb)[None]).to(device),
+                           replay=None if replay is None else replay[bi.to(replay.device), :qb],
+                           delta_rows=torch.tensor([rows["edit"][r] for r in bk]), n=len(bk)))
+        for b, r in enumerate(bk):
+            j, base = at[rows["edit"][r]], offset + b * qb
+            if rows["rw"][r]:
+                for p, lab in zip(rows["t_rel"][r], rows["t_lab"][r]):
+                    t_flat.append(base + p); t_lab.append(lab); t_w.append(1.0 / len(rows["t_rel"][r])); t_row.append(len(rw_edit))
+                rw_edit.append(j)
+            else: kl_flat[j] = base
+        offset += len(bk) * qb
+    H = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=head_device)
+    return dict(edits=list(edits), groups=groups, t_flat=torch.tensor(t_flat), kl_flat=torch.tensor(kl_flat),
+                t_lab=H(t_lab), t_w=H(t_w, torch.float32), t_row=H(t_row), rw_edit=H(rw_edit))
 
-def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, v_lr, steps, clamp, kl_factor,
-                           wd_factor, stop_at, max_tokens, bar=None):
+# %% ../nbs/05_values.ipynb #80a31ce6
+def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, cfg: ValueConfig, max_tokens: int,
+                           grouping: str = "exact", sync_every: int = 1, bar=None):
     """The suffix path: prefixes and the blocks below `n_replay` once (`_prefix_setup`), then at every step only the
-    suffixes of the active rows through blocks n_replay.., in buckets of equal suffix length (no padding)."""
+    suffixes of the batch's rows through blocks n_replay.. (`_suffix_plan`)."""
     from transformers import DynamicCache
-    device, pad = adapter.device("embed"), pad_id(tok)
+    device, pad, ckw = execution_device(model), pad_id(tok), cache_kwarg(model.base_model)
     rows = _suffix_rows(prompts, pad)
-    kv, replay, h, template = _prefix_setup(model, adapter, name, n_replay, rows, len(reqs), pad, max_tokens)
-    st = _ChunkOptimizer(reqs, steps, v_lr, clamp, kl_factor, wd_factor, stop_at, bar)
+    with forward_precision(device, cfg.precision):
+        kv, replay, h, template = _prefix_setup(model, adapter, name, n_replay, rows, len(reqs), pad, max_tokens)
+    st = _ChunkOptimizer(reqs, cfg, sync_every, bar)
     st.start(h)
     blocks = _decoder_layers(adapter) if n_replay else None
     stubs = [_Replay(template, blocks[l]) for l in range(n_replay)]
-    ckw = cache_kwarg(model.base_model)
-    s_all, P_all = rows["s"], int(rows["s"].max())
-    k0 = h                                                                 # dtype/device of the placeholders
-    cur = {}
+    cur, plan = {}, None
     edit = lambda module_name, out: add_at_positions(cur["delta"], cur["rows"], cur["cols"])(module_name, out)
-    for it in range(steps):
-        idx = st.idx()
-        at = {int(e): j for j, e in enumerate(idx.tolist())}             # edit -> position among the active ones
-        buckets = {}
-        for r, e in enumerate(rows["edit"]):
-            if e in at: buckets.setdefault(rows["q"][r], []).append(r)
-        t_flat, t_lab, t_w, t_row, rw_edit, kl_flat, hidden, offset = [], [], [], [], [], [0] * len(idx), [], 0
-        originals = [blocks[l] for l in range(n_replay)] if n_replay else []
+    for it in range(cfg.v_num_grad_steps):
+        if plan is None or plan["edits"] != st.batch:
+            plan = _suffix_plan(rows, kv, replay, st.batch, grouping, n_replay, adapter.n_layers, device,
+                                adapter.device("lm_head"))
+        originals, hidden = [blocks[l] for l in range(n_replay)] if n_replay else [], []
         try:
             for l in range(n_replay): blocks[l] = stubs[l]
-            with Trace(model, [name], retain_output=False, edit_output=edit):
-                for qb in sorted(buckets):
-                    bk = buckets[qb]
-                    bi, s_b = torch.tensor(bk), s_all[bk]
-                    P = int(s_b.max())
-                    data = []
-                    for l in range(adapter.n_layers):
-                        if l < n_replay:                                   # never run: a size-only placeholder
-                            data.append((k0.new_zeros((len(bk), 1, P, 1)),) * 2)
-                        else:
-                            K, V = kv[l]
-                            i = bi.to(K.device)
-                            data.append((K[i, :, P_all - P:], V[i, :, P_all - P:]))
-                    mask = torch.cat([torch.arange(P)[None] >= (P - s_b)[:, None],
-                                      torch.ones(len(bk), qb, dtype=torch.bool)], 1).long().to(device)
-                    pos = (s_b[:, None] + torch.arange(qb)[None]).to(device)
-                    for stub in stubs: stub.value = replay[bi.to(replay.device), :qb]
-                    cur.update(delta=st.delta[torch.tensor([rows["edit"][r] for r in bk], device=st.delta.device)],
-                               rows=torch.arange(len(bk)), cols=torch.zeros(len(bk), dtype=torch.long))
-                    hid = model.base_model(input_ids=rows["sfx"][bi, :qb].to(device), attention_mask=mask,
-                                           position_ids=pos, use_cache=True,
-                                           **{ckw: DynamicCache(data)}).last_hidden_state               # (b, q, d)
-                    hidden.append(hid.reshape(-1, hid.shape[-1]))
-                    for b, r in enumerate(bk):
-                        j, base = at[rows["edit"][r]], offset + b * qb
-                        if rows["rw"][r]:
-                            for p, lab in zip(rows["t_rel"][r], rows["t_lab"][r]):
-                                t_flat.append(base + p); t_lab.append(lab); t_w.append(1.0 / len(rows["t_rel"][r]))
-                                t_row.append(len(rw_edit))
-                            rw_edit.append(j)
-                        else:
-                            kl_flat[j] = base
-                    offset += len(bk) * qb
+            with Trace(model, [name], retain_output=False, edit_output=edit), forward_precision(device, cfg.precision):
+                for g in plan["groups"]:
+                    for stub in stubs: stub.value = g["replay"]
+                    cur.update(delta=st.delta[g["delta_rows"].to(st.delta.device)], rows=torch.arange(g["n"]),
+                               cols=torch.zeros(g["n"], dtype=torch.long))
+                    out = model.base_model(input_ids=g["ids"], attention_mask=g["mask"], position_ids=g["pos"],
+                                           use_cache=True, **{ckw: DynamicCache(g["data"])})
+                    hidden.append(out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]))   # (b·q, d)
         finally:
             for l, m in enumerate(originals): blocks[l] = m
-        flat = torch.cat(hidden)                                                         # (Σ b·q, d)
-        hd = flat.device
-        L = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=hd)
-        loss, nll, kl, prob = st.loss(adapter, idx, flat[L(t_flat)], L(t_lab), L(t_w, torch.float32), L(t_row),
-                                      L(rw_edit), flat[L(kl_flat)])
-        if not st.step(it, idx, loss, nll, kl, prob): break
+        with forward_precision(device, cfg.precision):
+            flat = torch.cat(hidden)                                                   # (Σ b·q, d)
+            at = lambda x: x.to(flat.device)
+            loss, nll, kl, prob = st.loss(adapter, flat[at(plan["t_flat"])], plan["t_lab"], plan["t_w"], plan["t_row"],
+                                          plan["rw_edit"], flat[at(plan["kl_flat"])])
+        if not st.step(it, loss, nll, kl, prob): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #92494921
+# %% ../nbs/05_values.ipynb #e305c71a
+def _value_bytes_per_edit(model, prompts: list[ValuePrompts], n_run: int, suffix: bool, precision: str) -> float:
+    """Rough upper bound on the device memory one edit needs during the value optimization: activations kept for the
+    backward pass in the `n_run` blocks that run, the prefix KV cache, and the logits of its target positions."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    d = getattr(cfg, "hidden_size", 1024); f = getattr(cfg, "intermediate_size", None) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", 16)
+    kv = getattr(cfg, "num_key_value_heads", heads) * getattr(cfg, "head_dim", d // heads)
+    V, act = getattr(cfg, "vocab_size", 50_000), 2 if precision == "bfloat16" else 4
+    run = sum(len(x) - p if suffix else len(x) for vp in prompts for x, p in zip(vp.input_ids, vp.subject_pos))
+    prefix = sum(p for vp in prompts for p in vp.subject_pos) if suffix else 0
+    logits = sum(len(tp) for vp in prompts for tp in vp.target_pos) + len(prompts)
+    return (run * n_run * (16 * d + 4 * f) * act + (prefix + run) * n_run * 2 * kv * 4 + logits * V * 4 * 3) / len(prompts)
+
+
+def _auto_batch_size(model, prompts, n_run: int, suffix: bool, precision: str, max_tokens: int, device) -> int:
+    "Edits per chunk: on CUDA, 60 % of the free memory over `_value_bytes_per_edit`; elsewhere ~`max_tokens` padded tokens."
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, int(0.6 * free // _value_bytes_per_edit(model, prompts, n_run, suffix, precision)))
+    longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)
+    return max(1, max_tokens // longest)
+
+# %% ../nbs/05_values.ipynb #539ed9f3
 def compute_target_values(model, tok, requests: Sequence, layer: int, templates=None, *,
-                          adapter: ModelAdapter | None = None, v_lr: float = 0.5, v_num_grad_steps: int = 25,
-                          clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625, v_weight_decay: float = 1e-3,
-                          hook: str = "layer", batch_size: int | None = None, early_stop_loss: float = 5e-2,
-                          progress: bool = True, max_tokens: int = 8192,
-                          reuse_prefix: bool | None = None) -> TargetValues:
+                          config: ValueConfig | None = None, adapter: ModelAdapter | None = None, hook: str = "layer",
+                          batch_size: int | None = None, max_tokens: int = 8192, reuse_prefix: bool | None = None,
+                          grouping: str | None = None, sync_every: int | None = None, progress: bool = True,
+                          **settings) -> TargetValues:
     """Optimize, for every request, the offset delta (E, d) added at the subject's last token to the output of
     `adapter.name(hook, layer)` so the model predicts `target_new` (upstream `compute_z`), all edits of a chunk in
-    one batch. `templates`: a `ContextTemplates`, list of groups, flat list, or None (bare prompt only).
+    one batch. `templates`: a `ContextTemplates`, list of groups, flat list, or None (bare prompt only). `config` and
+    `settings` (its fields): the `ValueConfig`.
 
-    `reuse_prefix`: True runs, at each step, only the positions from the subject's last token on through the blocks
-    above the hooked one (the rest is computed once); False runs every position through the whole model at every
-    step; None (default) = True when `prefix_reuse_supported(model)`. Both give the same result.
+    How, not what (the results do not depend on these): `reuse_prefix` True runs, at each step, only the positions
+    from the subject's last token on through the blocks above the hooked one; False every position through the whole
+    model; None (default) = True when `prefix_reuse_supported(model)`, with a warning when it is not. `batch_size`:
+    edits per chunk (default `_auto_batch_size`); `grouping` 'exact' or 'padded' and `sync_every` (default: 'exact' and
+    1 on a CPU, 'padded' and 4 on a GPU) — see `_suffix_plan` and `_ChunkOptimizer`.
 
     >>> m, t = tiny_model('gpt2'), tiny_tokenizer('bpe')
     >>> tv = compute_target_values(m, t, [EditRequest('{} is in', 'Paris', 'Rome')], 1, v_num_grad_steps=3, progress=False)
     >>> tv.z.shape
     torch.Size([1, 64])
     """
-    _check_hparams(v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay)
+    cfg = ValueConfig.of(config, **settings)
     reqs = [EditRequest.from_any(r) for r in requests]
     if not reqs: raise ValueError("no edit requests given")
-    if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not isinstance(max_tokens, int) or max_tokens < 1: raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if batch_size is not None: check_int("batch_size", batch_size, low=1)
+    check_int("max_tokens", max_tokens, low=1)
     adapter = adapter or ModelAdapter.from_model(model)
-    name = _hook_name(adapter, layer, hook)
+    name, device = _hook_name(adapter, layer, hook), execution_device(model)
+    grouping = check_choice("grouping", grouping or ("padded" if device.type == "cuda" else "exact"), ("exact", "padded"))
+    sync_every = check_int("sync_every", sync_every or (4 if device.type == "cuda" else 1), low=1)
     why_not = prefix_reuse_unsupported(model)
     if reuse_prefix is None:
         reuse_prefix = why_not is None
@@ -607,23 +691,22 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     # blocks below the first one that must run are replayed from the setup pass (when the block list is found)
     n_replay = (layer + 1 if hook == "layer" else layer) if _decoder_layers(adapter) is not None else 0
     prompts = fitting_value_prompts(model, tok, reqs, templates)
+    if batch_size is None:
+        n_run = adapter.n_layers - (n_replay if reuse_prefix else 0)
+        batch_size = _auto_batch_size(model, prompts, n_run, reuse_prefix, cfg.precision, max_tokens, device)
     longest = [max(len(x) for x in vp.input_ids) for vp in prompts]
-    if batch_size is None:                                   # fit ~max_tokens (padded) tokens per full forward pass
-        batch_size = max(1, max_tokens // max(len(vp.input_ids) * n for vp, n in zip(prompts, longest)))
     # chunks of edits of similar length pad less; results are put back in request order at the end
     order = sorted(range(len(reqs)), key=lambda e: longest[e]) if batch_size < len(reqs) else list(range(len(reqs)))
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(reqs), disable=not progress, desc="values")
-    parts = []
+    bar, parts = tqdm(total=len(reqs), disable=not progress, desc="values"), []
     with frozen_eval(model):
         for c in range(0, len(reqs), batch_size):
             chunk = order[c:c + batch_size]
-            args = ([reqs[e] for e in chunk], [prompts[e] for e in chunk], v_lr, v_num_grad_steps, clamp_norm_factor,
-                    kl_factor, v_weight_decay, early_stop_loss)
+            args = ([reqs[e] for e in chunk], [prompts[e] for e in chunk], cfg)
             if reuse_prefix:
-                parts.append(_optimize_chunk_suffix(model, tok, adapter, name, n_replay, *args, max_tokens, bar))
-            else:
-                parts.append(_optimize_chunk(model, tok, adapter, name, *args, bar))
+                parts.append(_optimize_chunk_suffix(model, tok, adapter, name, n_replay, *args, max_tokens, grouping,
+                                                    sync_every, bar))
+            else: parts.append(_optimize_chunk(model, tok, adapter, name, *args, sync_every, bar))
             bar.update(len(chunk))
     bar.close()
     inv = torch.argsort(torch.tensor(order))                 # position of each request in the chunked order
