@@ -19,7 +19,7 @@ from _common import PeakMemory, best_of, matmul_rate, pick_device, ratio, table
 from unifiededit.objective import Preservation, emmet_update, memit_update, update_flops
 
 ALPHA = 0.1                       # emmet_lambda of the EMMET reference for batches > 1
-D_OUT = {1536: 576, 6400: 1600}   # d_out of the rewrite module: SmolLM2-135M, GPT-2 XL
+D_OUT = {1536: 576, 6400: 1600, 11008: 4096}   # d_out of the rewrite module: SmolLM2-135M, GPT-2 XL, Llama-2-7B
 
 
 def spd(d: int, device, seed: int = 0) -> torch.Tensor:
@@ -51,7 +51,8 @@ def measure(fn, device, repeat):
 
 
 GRIDS = {"smoke": ([1536], [1, 64]), "quick": ([1536], [1, 16, 128, 512, 2048]),
-         "full": ([1536, 6400], [1, 10, 100, 1000, 2000, 5000, 10000])}
+         "full": ([1536, 6400], [1, 10, 100, 1000, 2000, 5000, 10000]),
+         "gpu": ([11008], [1, 1000, 10000])}
 
 
 def run(device, size: str, log=print) -> dict:

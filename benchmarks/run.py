@@ -4,6 +4,8 @@
     python benchmarks/run.py --out DIR                # the full grid
     python benchmarks/run.py --quick --only values,solvers --out DIR
     python benchmarks/run.py --smoke --out DIR        # tiny sizes: checks that the scripts run (numbers meaningless)
+    python benchmarks/run.py --gpu --out DIR          # scale on one GPU: 10,000 edits, a 7B-shaped model (< 8 min, H200)
+    python benchmarks/run.py --gpu --smoke --out DIR  # the same code at tiny sizes, on any machine
 
 Each suite measures the compared variants side by side, in this one process (the solver suite in a child process,
 for clean peak-memory readings), on the same machine; the JSON records the machine, the torch threads, the device
@@ -29,6 +31,7 @@ import torch  # noqa: E402
 from _common import DEFAULT_DATA, REPO, load, machine, matmul_rate, now, pick_device, write_json  # noqa: E402
 
 SUITES = ("values", "stats", "solvers", "e2e")
+GPU_SUITES = ("scale", "quality", "llama7b", "sweep", "solvers")
 SIZES = {  # what each suite runs. --quick runs B = 32 and 128 with fewer steps (the reference loop's time for them is
            # its measured time per loss evaluation x their evaluations) and leaves the before/after profile to the full run
     "quick": dict(values=dict(batch_sizes=[1, 8, 32, 128], n_b1=2, n_serial=2, steps_by_B={32: 10, 128: 6}),
@@ -39,6 +42,21 @@ SIZES = {  # what each suite runs. --quick runs B = 32 and 128 with fewer steps 
     "smoke": dict(values=dict(batch_sizes=[1, 4], n_b1=2, n_serial=1, steps_by_B={1: 3, 4: 3}),
                   profile=dict(B=4, steps=3), stats=dict(n_tokens=4096, repeat=1),
                   e2e=dict(edits=4, stats_tokens=4096, label="--smoke: plumbing check only")),
+    # --gpu: scale on one GPU (issue 12); sized for < 8 minutes on one H200, every suite with a time budget
+    "gpu": dict(records=10_000,
+                scale=dict(n_serial=2, steps=None, time_budget=200,
+                           precisions={"float32": [1, 64, 256, 1024, 10_000], "tf32": [1024, 10_000],
+                                       "bfloat16": [1024, 10_000]}),
+                quality=dict(n_records=256, precisions=["float32", "tf32", "bfloat16"], stats_tokens=100_000),
+                llama7b=dict(smoke=False, batch_sizes=[1, 64, 256, 1024], steps=25, stats_tokens=32_768,
+                             keys_edits=256, time_budget=150),
+                sweep=dict(n_records=10_000, stats_tokens=100_000, methods=["emmet", "memit"])),
+    "gpu-smoke": dict(records=16,
+                      scale=dict(n_serial=1, steps=3, time_budget=600, precisions={"float32": [1, 8], "bfloat16": [8]}),
+                      quality=dict(n_records=4, precisions=["float32", "bfloat16"], stats_tokens=4096),
+                      llama7b=dict(smoke=True, batch_sizes=[1, 4], steps=3, stats_tokens=2048, keys_edits=4,
+                                   time_budget=600),
+                      sweep=dict(n_records=4, stats_tokens=4096, methods=["emmet", "memit"])),
 }
 
 
@@ -46,16 +64,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="unifiededit benchmarks: print tables, write JSON")
     ap.add_argument("--quick", action="store_true", help="the quick suite (smaller grids; < 10 minutes on 2 CPU cores)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes that check the scripts run (numbers meaningless)")
+    ap.add_argument("--gpu", action="store_true", help=f"the scale suites ({','.join(GPU_SUITES)}): 10,000 edits and a "
+                    "7B-shaped model on one GPU (with --smoke: tiny sizes, any device)")
     ap.add_argument("--out", required=True, help="directory for the JSON (quick-<device>.json or full-<device>.json)")
-    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SUITES)} "
+                    f"(with --gpu: of {','.join(GPU_SUITES)})")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all usable cores)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder (counterfact/, wikitext/)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a name or path load_pretrained accepts")
     a = ap.parse_args(argv)
-    only = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SUITES]
-    if bad: ap.error(f"unknown suite(s) {bad}: choose from {SUITES}")
+    known = GPU_SUITES if a.gpu else SUITES
+    only = [s.strip() for s in (a.only or ",".join(known)).split(",") if s.strip()]
+    bad = [s for s in only if s not in known]
+    if bad: ap.error(f"unknown suite(s) {bad}: choose from {known}")
     device = pick_device(a.device)
     threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
@@ -64,7 +86,7 @@ def main(argv=None):
     for p in (cf, wiki):
         if not p.is_file(): ap.error(f"{p} not found: point --data at the shared data folder")
     out_dir = Path(a.out)
-    size = "smoke" if a.smoke else "quick" if a.quick else "full"
+    size = ("gpu-smoke" if a.smoke else "gpu") if a.gpu else "smoke" if a.smoke else "quick" if a.quick else "full"
     cfg = SIZES[size]
     out_path = out_dir / f"{size}-{device.type}.json"
     log = lambda *x: print(*x, flush=True)
@@ -102,6 +124,9 @@ def main(argv=None):
         write_json(out_path, res)                     # partial results survive an interrupted run
         return r
 
+    if a.gpu:
+        scale_suites(a, size, cfg, only, data, wiki, device, res, record, log)
+        only = [s for s in only if s == "solvers"]
     if "values" in only:
         import bench_values
         v = record("values", lambda: bench_values.run(model, tok, reqs, device, limit(), cfg["values"], log))
@@ -129,8 +154,9 @@ def main(argv=None):
             js = Path(tmp) / "solvers.json"
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+            solver_size = {"gpu": "gpu", "gpu-smoke": "smoke"}.get(size, size)
             cmd = [sys.executable, str(HERE / "bench_solvers.py"), "--device", str(device), "--threads", str(threads),
-                   "--json", str(js), "--size", size]
+                   "--json", str(js), "--size", solver_size]
             t0, l0 = time.perf_counter(), load()
             subprocess.run(cmd, env=env, check=True)          # prints its progress and tables on stderr
             r = json.loads(js.read_text())
@@ -142,6 +168,35 @@ def main(argv=None):
     log(f"\n{res['suite']} suite done in {res['seconds_total']:.0f} s; load average {res['load_average_end']}; "
         f"wrote {out_path}")
     return res
+
+
+def scale_suites(a, size, cfg, only, data, wiki, device, res, record, log):
+    "The --gpu suites (bench_scale): SmolLM2 values at scale, precision quality, a 7B-shaped model, a sweep."
+    import bench_scale
+    from unifiededit.data import load_dataset
+    from unifiededit.pretrained import load_pretrained
+    from unifiededit.stats import collect_key_stats, file_corpus
+    from unifiededit.hparams import HParams
+    cf = data / "counterfact"
+    records = load_dataset([cf / "easyedit-counterfact-edit.json", cf / "easyedit-counterfact-train.json"]).sample(
+        cfg["records"], seed=0)
+    reqs = [r.request for r in records]
+    log(f"{len(records):,} distinct-subject CounterFact records (EasyEdit files)")
+    model, tok = load_pretrained(a.model, device=device)
+    if "scale" in only:
+        record("scale", lambda: dict(values_grid=bench_scale.values_grid(model, tok, reqs, device, cfg["scale"], log)))
+    if "quality" in only:
+        q = cfg["quality"]
+        stats = collect_key_stats(model, tok, HParams.for_model(model, "emmet").layers, file_corpus(wiki),
+                                  n_tokens=q["stats_tokens"], progress=False)
+        record("quality", lambda: bench_scale.precision_quality(model, tok, records, stats, device, q, log))
+    if "sweep" in only:
+        record("sweep", lambda: bench_scale.sweep(model, tok, records, wiki, device, cfg["sweep"], log))
+    if "llama7b" in only:
+        del model
+        if device.type == "cuda": torch.cuda.empty_cache()
+        record("llama7b", lambda: dict(llama7b=bench_scale.llama7b(tok, reqs, wiki, device, cfg["llama7b"], log)))
+    bench_scale.print_tables({**res["suites"].get("scale", {}), **res["suites"].get("llama7b", {})}, log)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,32 @@ def test_smoke_fast_paths_give_the_reference_results(smoke):
         assert r["max_rel_diff_emmet_routes_vs_inverse"] < 1e-8 and r["max_rel_diff_memit_routes_vs_inverse"] < 1e-8
     fm = res["suites"]["values"]["flops_model"]        # the suffix path does fewer FLOPs per loss evaluation
     assert fm["batched"]["per_eval"] < fm["serial"]["per_eval"] / 3
+
+
+@pytest.fixture(scope="module")
+def gpu_smoke(tmp_path_factory, shared_data):
+    "`run.py --gpu --smoke`: the scale suites (issue 12) at tiny sizes, on whatever device this machine has."
+    out = tmp_path_factory.mktemp("bench-gpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--gpu", "--smoke", "--data",
+                        str(shared_data), "--out", str(out)], env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (path,) = out.glob("gpu-smoke-*.json")
+    return json.loads(path.read_text()), r.stdout
+
+
+def test_gpu_suite_runs_every_part_and_its_ratios_are_consistent(gpu_smoke):
+    res, stdout = gpu_smoke
+    assert set(res["suites"]) == {"scale", "quality", "llama7b", "sweep", "solvers"}
+    g = res["suites"]["scale"]["values_grid"]
+    assert {(r["B"], r["precision"]) for r in g["rows"]} == {(1, "float32"), (8, "float32"), (8, "bfloat16")}
+    for r in g["rows"]:
+        assert r["speedup_batched_vs_serial"] == pytest.approx(r["reference_seconds_estimate"] / r["seconds"], rel=1e-12)
+        assert r["speedup_vs_matmul_limit"] == pytest.approx(r["flops_per_s"] / r["matmul_flops_per_s"], rel=1e-12)
+        assert 0 < r["speedup_vs_matmul_limit"] < 1.5
+    q = res["suites"]["quality"]["results"]
+    assert set(q) == {"float32", "bfloat16"} and q["float32"]["within_float32_intervals"]
+    l7 = res["suites"]["llama7b"]["llama7b"]
+    assert [r["B"] for r in l7["values"]] == [1, 4] and l7["keys"]["seconds"] > 0 and l7["stats"]["cases"]
+    assert set(res["suites"]["sweep"]["methods"]) == {"emmet", "memit"}
+    assert "Target values at scale" in stdout and "Llama-2-7B-shaped" in stdout

@@ -57,7 +57,7 @@ class HParams:
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
-    v_batch_size: int = 16
+    v_batch_size: int | None = None
     value_hook: str = "auto"
     # statistics
     mom2_adjustment: bool = True
@@ -87,8 +87,9 @@ class HParams:
             raise ValueError(f"fact_token={self.fact_token!r} is not supported; use 'subject_last'")
         check_choice("key_mode", self.key_mode, ("memit", "mean", "bare"))
         check_choice("value_hook", self.value_hook, ("auto", "layer", "rewrite"))
-        for name in ("v_num_grad_steps", "v_batch_size", "seed"):
+        for name in ("v_num_grad_steps", "seed"):
             check_int(name, getattr(self, name), low=0 if name == "seed" else 1)
+        if self.v_batch_size is not None: check_int("v_batch_size", self.v_batch_size, low=1)
         if self.v_loss_layer is not None: check_int("v_loss_layer", self.v_loss_layer, low=0)
         for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
             check_real(name, getattr(self, name), positive=True)

@@ -583,7 +583,8 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
                     for r in recs: g[2].setdefault(r.case_id, r)
         for (L, hook, _, _), (hp, templates, recs) in groups.items():
             recs = list(recs.values())
-            chunk = max(1, hp.v_batch_size)
+            # a resume unit: values are stored after each call (which chunks its edits by memory inside)
+            chunk = 4096 if execution_device(model).type == "cuda" else 256
             bar.set_description(f"target values, layer {L}")
             for i in range(0, len(recs), chunk):
                 if over_budget(0):
