@@ -318,3 +318,16 @@ def test_smollm2_wikitext_min(shared_data, tmp_path):
     assert 1 < ks[5].meta["cond"] < 1e6
     assert collect_key_stats(model, tok, 5, shared_data / "wikitext" / "wiki.test.raw", n_tokens="min",
                              cache=tmp_path, progress=False).meta["cached"] == [5]
+
+
+def test_reduced_precision_forward_keeps_a_float64_sum():
+    "precision='bfloat16' autocasts the forward pass; keys are upcast, summed in float64; the cache keeps them apart."
+    model, tok, _ = setup("llama")
+    kw = dict(n_tokens=300, max_length=64, progress=False)
+    f32 = collect_key_stats(model, tok, 1, DOCS, **kw)
+    bf16 = collect_key_stats(model, tok, 1, DOCS, precision="bfloat16", **kw)
+    assert bf16[1].mom2.dtype == torch.float64 and bf16[1].n == f32[1].n
+    rel = ((bf16[1].mom2 - f32[1].mom2).norm() / f32[1].mom2.norm()).item()
+    assert 0 < rel < 0.05, rel
+    with pytest.raises(ValueError, match="unknown precision"):
+        collect_key_stats(model, tok, 1, DOCS, precision="fp8", **kw)

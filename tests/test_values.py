@@ -354,3 +354,19 @@ def test_chunk_sizes():
     full, suffix = (_value_bytes_per_edit(model, prompts, n, s, "float32") for n, s in ((4, False), (2, True)))
     assert 0 < suffix < full
     assert _value_bytes_per_edit(model, prompts, 4, False, "bfloat16") < full
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_values_on_cuda_follow_the_reference(kind):
+    "On a GPU the defaults change (padded groups, 4 evaluations between host reads, fused Adam): same trajectories."
+    model, tok = setup(kind)
+    model.to("cuda")
+    kw = dict(v_num_grad_steps=20, early_stop_loss=early_stop_threshold(model, tok))
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, **kw)
+    got = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, **kw)
+    assert got.path == "suffix" and got.delta.device.type == "cuda"
+    assert torch.equal(got.n_steps.cpu(), ser.n_steps.cpu()) and rel_err(got.delta, ser.delta) < 1e-3
+    for precision in ("tf32", "bfloat16"):
+        fast = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, precision=precision, **kw)
+        assert torch.isfinite(fast.delta).all() and (fast.loss_final <= fast.loss_init).all()

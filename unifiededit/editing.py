@@ -103,7 +103,7 @@ class Edit:
         return (f"Edit({self.method}, {len(self.requests)} request(s), layers {self.layers}, ‖Δ‖ {{{norms}}}, "
                 f"{'applied' if self.applied else 'not applied'})")
 
-# %% ../nbs/07_editing.ipynb #313f08ef
+# %% ../nbs/07_editing.ipynb #2b3f32be
 EDIT_FORMAT = "unifiededit.Edit/2"
 _MODULE_FIELDS = ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
                   "lm_head_module")
@@ -268,7 +268,7 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             if stats is None:
                 stats = collect_key_stats(model, tok, hp.layers, corpus, n_tokens=hp.mom2_n_tokens,
                                           max_length=hp.mom2_max_length, cache=cache_dir, adapter=adapter,
-                                          progress=progress, seed=hp.seed)
+                                          precision=hp.mom2_dtype, progress=progress, seed=hp.seed)
             C0 = _check_stats(stats, adapter, hp.layers)
         times["stats"] = time.perf_counter() - t
 
@@ -281,7 +281,7 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
                                        v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
                                        kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
-                                       batch_size=hp.v_batch_size, progress=progress)
+                                       batch_size=hp.v_batch_size, precision=hp.v_precision, progress=progress)
         times["values"] = time.perf_counter() - t
         Z = tv.z.to(torch.float64)                                                      # (E, d_model)
 

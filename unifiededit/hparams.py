@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .models import ModelAdapter
+from .models import PRECISIONS, ModelAdapter
 from .store import check_choice, check_int, check_real
 
 # %% auto #0
@@ -58,6 +58,7 @@ class HParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_batch_size: int | None = None
+    v_precision: str = "float32"
     value_hook: str = "auto"
     # statistics
     mom2_adjustment: bool = True
@@ -87,6 +88,8 @@ class HParams:
             raise ValueError(f"fact_token={self.fact_token!r} is not supported; use 'subject_last'")
         check_choice("key_mode", self.key_mode, ("memit", "mean", "bare"))
         check_choice("value_hook", self.value_hook, ("auto", "layer", "rewrite"))
+        check_choice("v_precision", self.v_precision, PRECISIONS)
+        check_choice("mom2_dtype", self.mom2_dtype, PRECISIONS)
         for name in ("v_num_grad_steps", "seed"):
             check_int(name, getattr(self, name), low=0 if name == "seed" else 1)
         if self.v_batch_size is not None: check_int("v_batch_size", self.v_batch_size, low=1)

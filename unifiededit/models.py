@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'execution_device',
-           'parameter_value', 'set_parameter_value', 'named_parameter_values', 'ModelAdapter', 'tiny_tokenizer',
-           'tiny_model', 'eval_mode', 'max_positions', 'cache_kwarg', 'output_cache']
+__all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'PRECISIONS',
+           'execution_device', 'parameter_value', 'set_parameter_value', 'named_parameter_values', 'ModelAdapter',
+           'tiny_tokenizer', 'tiny_model', 'eval_mode', 'forward_precision', 'max_positions', 'cache_kwarg',
+           'output_cache']
 
 # %% ../nbs/01_models.ipynb #e2923c05
 REWRITE_CANDIDATES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2",
@@ -47,7 +48,7 @@ def _find_layer_list(model: nn.Module) -> str | None:
     if exact: return min(exact, key=len)   # the shallowest one (e.g. not a per-layer sub-list)
     return max(lists, key=lambda t: t[1])[0] if lists else None
 
-# %% ../nbs/01_models.ipynb #19f36b26
+# %% ../nbs/01_models.ipynb #f40edae6
 def _accelerate_hooks(module: nn.Module) -> list:
     "The accelerate hooks attached to `module` (a `SequentialHook` flattened); [] when there are none."
     h = getattr(module, "_hf_hook", None)
@@ -81,7 +82,7 @@ def execution_device(model: nn.Module, name: str = "") -> torch.device:
         if t.device.type != "meta": return t.device
     return torch.device("cpu")
 
-# %% ../nbs/01_models.ipynb #4e315bbd
+# %% ../nbs/01_models.ipynb #a59e651a
 def _offload_entry(model: nn.Module, name: str):
     """(mapping, key) holding the values of the offloaded parameter `name` (accelerate's weights map of the nearest
     hook above it, unwrapped), or None when the parameter holds its own values."""
@@ -352,7 +353,7 @@ def tiny_model(family: str, seed: int = 0, **config_overrides):
     for p in model.parameters(): p.requires_grad_(False)
     return model
 
-# %% ../nbs/01_models.ipynb #d89a3864
+# %% ../nbs/01_models.ipynb #084f086a
 from contextlib import contextmanager
 
 
@@ -367,6 +368,30 @@ def eval_mode(model: nn.Module):
         for m, training in modes: m.training = training
 
 
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
+
+@contextmanager
+def forward_precision(device: torch.device, precision: str):
+    """The forward passes' arithmetic: 'float32' as the caller has it; 'tf32' lets CUDA round float32 products to
+    TF32 (no effect elsewhere); 'bfloat16' autocasts them (parameters, δ and the loss stay float32)."""
+    if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}: use one of {list(PRECISIONS)}")
+    if precision == "bfloat16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16): yield
+    elif precision == "tf32" and device.type == "cuda":
+        m = torch.backends.cuda.matmul
+        if hasattr(m, "fp32_precision"):
+            old = m.fp32_precision; m.fp32_precision = "tf32"
+            try: yield
+            finally: m.fp32_precision = old
+        else:
+            old = m.allow_tf32; m.allow_tf32 = True
+            try: yield
+            finally: m.allow_tf32 = old
+    else: yield
+
+
+
 def max_positions(model: nn.Module) -> int | None:
     "The longest sequence the model was built for (`max_position_embeddings`, `n_positions`), or None if unknown."
     cfg = getattr(model, "config", None)
@@ -376,7 +401,7 @@ def max_positions(model: nn.Module) -> int | None:
         if isinstance(n, int) and n > 0: return n
     return None
 
-# %% ../nbs/01_models.ipynb #343e899e
+# %% ../nbs/01_models.ipynb #f9e6aaad
 def cache_kwarg(module: nn.Module) -> str | None:
     """The keyword under which `module.forward` takes a KV cache: `'cache'` (transformers >= 5.24),
     `'past_key_values'` (earlier releases), or None when it takes neither.

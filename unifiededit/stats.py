@@ -21,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from .hooks import StopForward, Trace, _first_tensor
-from .models import ModelAdapter, cache_kwarg, eval_mode, execution_device, max_positions, output_cache
-from .store import (CorruptFile, TensorCache, digest, load_tensors, model_fingerprint, model_id,
-                               tokenizer_fingerprint)
+from .models import (PRECISIONS, ModelAdapter, cache_kwarg, eval_mode, execution_device, forward_precision,
+                                max_positions, output_cache)
+from .store import (CorruptFile, TensorCache, check_choice, digest, load_tensors, model_fingerprint,
+                               model_id, tokenizer_fingerprint)
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'AUTO_CORPUS_TOKENS', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus',
@@ -345,8 +346,8 @@ class KeyStatsCollector:
     {0: 4, 2: 4}
     """
     def __init__(self, model, layers, adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,
-                 allow_tf32: bool = False, block: int = 256):
-        self.model = model
+                 allow_tf32: bool = False, block: int = 256, precision: str = "float32"):
+        self.model, self.precision = model, check_choice("precision", precision, PRECISIONS)
         self.adapter = adapter if adapter is not None else ModelAdapter.from_model(model)
         self.layers = _layer_list(layers, self.adapter)
         if matmul_dtype not in (torch.float32, torch.float64):
@@ -379,7 +380,7 @@ class KeyStatsCollector:
             return pre
         handles = [modules[n].register_forward_pre_hook(grab(n), with_kwargs=True) for n in self.names.values()]
         try:
-            with torch.inference_mode(), eval_mode(self.model):
+            with torch.inference_mode(), eval_mode(self.model), forward_precision(self.input_device, self.precision):
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         except StopForward:
             pass
@@ -611,7 +612,8 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
                       max_length: int | None = None, batch_size: int = 8, pack: bool = True,
                       prefix: Sequence[int] | None = None, cache: StatsCache | str | os.PathLike | None = None,
                       adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,
-                      allow_tf32: bool = False, report_cond: bool | None = None, progress: bool = True, seed: int = 0) -> KeyStats:
+                      allow_tf32: bool = False, precision: str = "float32", report_cond: bool | None = None,
+                      progress: bool = True, seed: int = 0) -> KeyStats:
     """C0 = mean k kᵀ of the rewrite-module inputs of `layers`, from one truncated pass over `corpus` (cached).
 
     `corpus`: anything `as_corpus` accepts, or None for `default_corpus` (model-sampled text here). `n_tokens`: an
@@ -640,7 +642,7 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
         common = dict(format=CACHE_FORMAT, model=model_id(model),
                       tokenizer=tokenizer_fingerprint(tok), corpus=corpus.id, n_tokens=budget, max_length=max_length,
                       pack=pack, prefix=prefix, model_dtype=str(adapter.weight(layers[0]).dtype),
-                      matmul_dtype=str(matmul_dtype), allow_tf32=allow_tf32)
+                      matmul_dtype=str(matmul_dtype), allow_tf32=allow_tf32, precision=precision)
         for i in layers:
             keys[i] = dict(common, layer=i, module=adapter.name("rewrite", i))
             hit = cache.load(keys[i], device=adapter.device("rewrite", i))
@@ -654,7 +656,8 @@ def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | 
             print(f"key statistics of layer(s) {missing}: {'all' if budget is None else f'{budget:,}'} tokens of "
                   f"{corpus.description}; {where}")
         corpus.prepare()                                   # e.g. sample the text now, under its own progress bar
-        col = KeyStatsCollector(model, missing, adapter=adapter, matmul_dtype=matmul_dtype, allow_tf32=allow_tf32)
+        col = KeyStatsCollector(model, missing, adapter=adapter, matmul_dtype=matmul_dtype, allow_tf32=allow_tf32,
+                                precision=precision)
         bar = tqdm(total=budget, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
                    desc=f"key stats, layer{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))}")
         t0 = time.perf_counter()

@@ -17,18 +17,16 @@ from torch import nn
 from .hooks import Trace, add_at_positions, replace_main
 from .keys import (ContextTemplates, EditRequest, check_fits, encode_with_subject, fill, pad_id, pad_right,
                               target_text)
-from .models import ModelAdapter, cache_kwarg, eval_mode, execution_device, output_cache
+from .models import (PRECISIONS, ModelAdapter, cache_kwarg, eval_mode, execution_device, forward_precision,
+                                output_cache)
 from .store import check_choice, check_int, check_real
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompts', 'value_prompts',
-           'fitting_value_prompts', 'TargetValues', 'frozen_eval', 'forward_precision', 'compute_target_values_serial',
-           'prefix_reuse_unsupported', 'prefix_reuse_supported', 'compute_target_values']
+__all__ = ['KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'fitting_value_prompts',
+           'TargetValues', 'frozen_eval', 'compute_target_values_serial', 'prefix_reuse_unsupported',
+           'prefix_reuse_supported', 'compute_target_values']
 
-# %% ../nbs/05_values.ipynb #ff0f722e
-PRECISIONS = ("float32", "tf32", "bfloat16")
-
-
+# %% ../nbs/05_values.ipynb #0f618249
 @dataclass(frozen=True)
 class ValueConfig:
     """The settings that determine a target value (upstream `compute_z`'s names and defaults).
@@ -157,7 +155,7 @@ class TargetValues:
 
     def __len__(self) -> int: return len(self.delta)
 
-# %% ../nbs/05_values.ipynb #e8555622
+# %% ../nbs/05_values.ipynb #1c9a6a1b
 HOOKS = ("layer", "rewrite")
 
 
@@ -177,31 +175,11 @@ def frozen_eval(model):
         for p, f in flags: p.requires_grad_(f)
 
 
-@contextmanager
-def forward_precision(device: torch.device, precision: str):
-    """The forward passes' arithmetic: 'float32' as the caller has it; 'tf32' lets CUDA round float32 products to
-    TF32 (no effect elsewhere); 'bfloat16' autocasts them (parameters, δ and the loss stay float32)."""
-    check_choice("precision", precision, PRECISIONS)
-    if precision == "bfloat16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16): yield
-    elif precision == "tf32" and device.type == "cuda":
-        m = torch.backends.cuda.matmul
-        if hasattr(m, "fp32_precision"):
-            old = m.fp32_precision; m.fp32_precision = "tf32"
-            try: yield
-            finally: m.fp32_precision = old
-        else:
-            old = m.allow_tf32; m.allow_tf32 = True
-            try: yield
-            finally: m.allow_tf32 = old
-    else: yield
-
-
 def _non_finite(request, what: str, value) -> ValueError:
     return ValueError(f"non-finite {what} ({value}) while optimizing the value of {request.text!r} -> "
                       f"{request.target_new!r}: lower v_lr, check the model's dtype (float16 overflows) or the layer")
 
-# %% ../nbs/05_values.ipynb #2a2290ff
+# %% ../nbs/05_values.ipynb #79def69a
 def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg: ValueConfig) -> dict:
     "Upstream's `compute_z` loop for one edit; returns its delta, h, losses, probabilities, step count and history."
     device = execution_device(model)
@@ -247,7 +225,7 @@ def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg
                 p0=p0, p1=torch.exp(-nll_each).mean().item(), n=n_steps,
                 hist=hist + [float("nan")] * (cfg.v_num_grad_steps - len(hist)))
 
-# %% ../nbs/05_values.ipynb #683ea2e5
+# %% ../nbs/05_values.ipynb #b63c8eea
 def compute_target_values_serial(model, tok, requests: Sequence, layer: int, templates=None, *,
                                  config: ValueConfig | None = None, adapter: ModelAdapter | None = None,
                                  hook: str = "layer", progress: bool = False, **settings) -> TargetValues:
@@ -268,7 +246,7 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
                         prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor([o["n"] for o in out]),
                         loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs, path="serial")
 
-# %% ../nbs/05_values.ipynb #5c789751
+# %% ../nbs/05_values.ipynb #a8822281
 def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k: int, hid_kl):
     """Per-edit NLL (k,), mean target probability (k,) and KL-prompt log-probabilities (k, V) of k edits, from final
     hidden states: hid_t (n_t, d) at the target positions, t_lab (n_t,) the tokens they must predict, t_w (n_t,) = 1/T,
@@ -282,7 +260,7 @@ def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k
     prob = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll.detach())) / n_rw
     return nll, prob, torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1)
 
-# %% ../nbs/05_values.ipynb #81f77b81
+# %% ../nbs/05_values.ipynb #e943bbc4
 class _ChunkOptimizer:
     "The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes (see above)."
     def __init__(self, reqs, cfg: ValueConfig, sync_every: int = 1, bar=None):
@@ -356,7 +334,7 @@ class _ChunkOptimizer:
                     loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
                     hist=self.hist.cpu())
 
-# %% ../nbs/05_values.ipynb #dc36e806
+# %% ../nbs/05_values.ipynb #bbaa3d5b
 def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device, head_device):
     "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
     seqs, subj, row_edit, kl_rows, first_rows, rw_edit = [], [], [], [], [], []
@@ -402,7 +380,7 @@ def _optimize_chunk(model, tok, adapter, name, reqs, prompts, cfg: ValueConfig, 
         if not st.step(it, loss, nll, kl, prob): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #8f28aadf
+# %% ../nbs/05_values.ipynb #12669fed
 class _Replay(nn.Module):
     """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
     (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
@@ -459,7 +437,7 @@ def prefix_reuse_supported(model) -> bool:
     "Whether the suffix-only path can run `model` (see `prefix_reuse_unsupported` for why not)."
     return prefix_reuse_unsupported(model) is None
 
-# %% ../nbs/05_values.ipynb #13da46c5
+# %% ../nbs/05_values.ipynb #fa597528
 def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
     """The rows of a chunk for the suffix path. Row r (edit `edit[r]`) is split at its subject's last token s[r]:
     the prefix [0, s) is never recomputed; the suffix [s, s + q) is run at every step — up to the last target
@@ -489,7 +467,7 @@ def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
         cur.append(r); width = max(width, lengths[r])
     return groups + [cur] if cur else groups
 
-# %% ../nbs/05_values.ipynb #33518d3e
+# %% ../nbs/05_values.ipynb #00ce5326
 @torch.no_grad()
 def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: dict, n_edits: int, pad: int,
                   max_tokens: int):
@@ -548,7 +526,7 @@ def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: 
             replay[gi.to(ra.device)] = ra.gather(1, srcq[..., None].expand(g, Q, ra.shape[-1]))
     return kv, replay, h, template
 
-# %% ../nbs/05_values.ipynb #8c8acfbb
+# %% ../nbs/05_values.ipynb #7a2cbfe0
 def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, n_replay: int, n_layers: int,
                  device, head_device) -> dict:
     "The per-step inputs of the suffix path for the chunk edits `edits` (see above)."
@@ -584,7 +562,7 @@ def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, 
     return dict(edits=list(edits), groups=groups, t_flat=torch.tensor(t_flat), kl_flat=torch.tensor(kl_flat),
                 t_lab=H(t_lab), t_w=H(t_w, torch.float32), t_row=H(t_row), rw_edit=H(rw_edit))
 
-# %% ../nbs/05_values.ipynb #80a31ce6
+# %% ../nbs/05_values.ipynb #36c62fef
 def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, cfg: ValueConfig, max_tokens: int,
                            grouping: str = "exact", sync_every: int = 1, bar=None):
     """The suffix path: prefixes and the blocks below `n_replay` once (`_prefix_setup`), then at every step only the
@@ -625,7 +603,7 @@ def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, c
         if not st.step(it, loss, nll, kl, prob): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #e305c71a
+# %% ../nbs/05_values.ipynb #14898d40
 def _value_bytes_per_edit(model, prompts: list[ValuePrompts], n_run: int, suffix: bool, precision: str) -> float:
     """Rough upper bound on the device memory one edit needs during the value optimization: activations kept for the
     backward pass in the `n_run` blocks that run, the prefix KV cache, and the logits of its target positions."""
@@ -649,7 +627,7 @@ def _auto_batch_size(model, prompts, n_run: int, suffix: bool, precision: str, m
     longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)
     return max(1, max_tokens // longest)
 
-# %% ../nbs/05_values.ipynb #539ed9f3
+# %% ../nbs/05_values.ipynb #4e29658d
 def compute_target_values(model, tok, requests: Sequence, layer: int, templates=None, *,
                           config: ValueConfig | None = None, adapter: ModelAdapter | None = None, hook: str = "layer",
                           batch_size: int | None = None, max_tokens: int = 8192, reuse_prefix: bool | None = None,
