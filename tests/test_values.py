@@ -370,3 +370,23 @@ def test_values_on_cuda_follow_the_reference(kind):
     for precision in ("tf32", "bfloat16"):
         fast = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, precision=precision, **kw)
         assert torch.isfinite(fast.delta).all() and (fast.loss_final <= fast.loss_init).all()
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_most_probable_early_stopping_matches_serial(sign):
+    "ENCORE's MPES (prob_cutoff < 0: k evaluations with every target top-1; > 0: a mean probability) stops early."
+    model, tok = setup("bpe")
+    if sign < 0: cutoff = -2
+    else:                                            # a probability these edits cross part-way (any random weights)
+        probe = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, v_num_grad_steps=20, early_stop_loss=-1.0)
+        cutoff = float(((probe.prob_init + probe.prob_final) / 2).min())
+    kw = dict(v_num_grad_steps=20, early_stop_loss=-1.0, prob_cutoff=cutoff)
+    ser = compute_target_values_serial(model, tok, REQS, 1, TEMPLATES, **kw)
+    for reuse in (False, True):
+        got = compute_target_values(model, tok, REQS, 1, TEMPLATES, progress=False, reuse_prefix=reuse, **kw)
+        assert torch.equal(got.n_steps, ser.n_steps) and rel_err(got.delta, ser.delta) < 1e-4
+    if cutoff > 0:                                                       # it stopped some edits, once above p
+        assert (ser.n_steps < 19).any() and (ser.prob_final[ser.n_steps < 19] > cutoff).all()
+    from unifiededit.values import _mpes_stop                            # the negative rule: counted evaluations
+    assert _mpes_stop(-3, torch.tensor([2, 3, 4]), torch.zeros(3)).tolist() == [False, True, True]
+    assert not _mpes_stop(None, 5, 0.99) and _mpes_stop(0.5, 0, 0.6)

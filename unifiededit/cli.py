@@ -195,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="discard results of different settings in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--seed", type=int, default=0, help="seed of the record sample, templates and sampled text")
+    lf = _subparser(sub, "lifelong", "edit records in sequence with several methods, evaluating as edits accumulate",
+                    "Lifelong (sequential) editing (chapter 15): each method edits the same sampled records batch after "
+                    "batch without restoring the weights, and every --eval-every batches scores every edit so far, the "
+                    "first batch's retention, the weight norms and the perplexity of --ppl-text. Resumable.",
+                    "example: unifiededit lifelong --data easyedit-counterfact-edit.json --out results/lifelong "
+                    "--corpus wiki.test.raw --ppl-text wikitext-2-tokens-valid.txt --methods memit,encore,alphaedit")
+    lf.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected)")
+    lf.add_argument("--out", required=True, help="results folder: one sub-folder per method (resumed if it exists)")
+    lf.add_argument("--corpus", required=True, help=_CORPUS_HELP.split(". Without")[0])
+    lf.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
+    lf.add_argument("--methods", default="memit,emmet,encore,alphaedit",
+                    help="comma-separated methods; ROME's key variants as rome:original, rome:r-rome, rome:p-rome")
+    lf.add_argument("--n-records", type=int, default=1024, help="records to sample (distinct subjects)")
+    lf.add_argument("--batch-size", type=int, default=16, help="edits per batch (ROME: always 1)")
+    lf.add_argument("--eval-every", type=int, default=8, help="evaluate every this many batches")
+    lf.add_argument("--rome-records", type=int, default=100, help="ROME edits this many records, one at a time")
+    lf.add_argument("--rome-eval-every", type=int, default=10, help="ROME evaluates every this many edits")
+    lf.add_argument("--layers", default=None, help="comma-separated layers of the batched methods (default: MEMIT's)")
+    lf.add_argument("--n-tokens", type=_n_tokens, default="auto", help=_NTOK_HELP)
+    lf.add_argument("--ppl-text", default=None, help="held-out text file whose perplexity is tracked")
+    lf.add_argument("--ppl-tokens", type=int, default=16_384, help="tokens of --ppl-text used")
+    lf.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
+    lf.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
+    lf.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    lf.add_argument("--quiet", action="store_true", help="no progress bars")
+    lf.add_argument("--seed", type=int, default=0, help="seed of the record sample and the templates")
     return p
 
 
@@ -209,6 +235,9 @@ def main(argv=None) -> int:
         elif args.command == "sweep":
             from unifiededit.sweep import sweep_from_args
             sweep_from_args(args)
+        elif args.command == "lifelong":
+            from unifiededit.lifelong import lifelong_from_args
+            lifelong_from_args(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"unifiededit {args.command}: error: {err}", file=sys.stderr)
         return 2

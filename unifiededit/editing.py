@@ -17,13 +17,14 @@ from .hooks import Trace
 from .hparams import HParams
 from .keys import ContextTemplates, EditRequest, compute_keys, subject_activations
 from .models import ModelAdapter, eval_mode, parameter_value, set_parameter_value
+from .general import NullSpace, alphaedit_update, encore_update, nullspace, rome_variant_update
 from .objective import emmet_update, memit_update, rome_update
 from .stats import collect_key_stats
 from .store import load_tensors, model_fingerprint, save_tensors
 from .values import TargetValues, compute_target_values, fitting_value_prompts
 
 # %% auto #0
-__all__ = ['EDIT_FORMAT', 'Edit', 'edit', 'adapter_names']
+__all__ = ['EDIT_FORMAT', 'HISTORY_FORMAT', 'Edit', 'EditHistory', 'edit', 'adapter_names']
 
 # %% ../nbs/07_editing.ipynb #ab3dd1ce
 @torch.no_grad()
@@ -103,7 +104,7 @@ class Edit:
         return (f"Edit({self.method}, {len(self.requests)} request(s), layers {self.layers}, ‖Δ‖ {{{norms}}}, "
                 f"{'applied' if self.applied else 'not applied'})")
 
-# %% ../nbs/07_editing.ipynb #2b3f32be
+# %% ../nbs/07_editing.ipynb #0c717ff3
 EDIT_FORMAT = "unifiededit.Edit/2"
 _MODULE_FIELDS = ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
                   "lm_head_module")
@@ -140,6 +141,63 @@ def _load(cls, path) -> Edit:
 
 
 Edit.save, Edit.load = _save, classmethod(_load)
+
+# %% ../nbs/07_editing.ipynb #b9125cf5
+HISTORY_FORMAT = "unifiededit.EditHistory/1"
+
+
+class EditHistory:
+    """Per layer: G_p = Σ k kᵀ (float64) of every earlier edit's keys and their count, and AlphaEdit's null-space
+    projectors. One object per sequence of edits (see above).
+
+    >>> h = EditHistory(); h.add(3, torch.ones(4, 2)); h.count(3), h.gram(3)[0, 0].item()
+    (2, 2.0)
+    """
+    def __init__(self):
+        self.grams: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self.nullspaces: dict[int, NullSpace] = {}
+
+    def gram(self, layer: int) -> torch.Tensor | None: return self.grams.get(layer)
+    def count(self, layer: int) -> int: return self.counts.get(layer, 0)
+    def __len__(self) -> int: return max(self.counts.values(), default=0)
+
+    def add(self, layer: int, K: torch.Tensor):
+        "Record the keys K (d_in, E) of one edit at `layer`."
+        K = K.detach().to(torch.float64)
+        G = self.grams.get(layer)
+        self.grams[layer] = K @ K.mT if G is None else G + (K @ K.mT).to(G.device)
+        self.counts[layer] = self.count(layer) + K.shape[1]
+
+    def nullspace(self, layer: int, C0: torch.Tensor, hp: HParams) -> NullSpace:
+        "AlphaEdit's projector for `layer`, computed from C0 at first use and kept (upstream: once, from the unedited model)."
+        if layer not in self.nullspaces:
+            self.nullspaces[layer] = nullspace(C0, hp.nullspace_threshold, relative=hp.nullspace_relative)
+        return self.nullspaces[layer]
+
+    def save(self, path) -> Path:
+        "One checksummed safetensors file (chapter 2), written atomically."
+        tensors = {f"gram.{l}": g for l, g in self.grams.items()}
+        tensors.update({f"nullspace.{l}": ns.U for l, ns in self.nullspaces.items()})
+        tensors.update({f"eigenvalues.{l}": ns.eigenvalues for l, ns in self.nullspaces.items()})
+        meta = {"format": HISTORY_FORMAT, "counts": {str(l): n for l, n in self.counts.items()},
+                "thresholds": {str(l): ns.threshold for l, ns in self.nullspaces.items()}}
+        return save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> "EditHistory":
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != HISTORY_FORMAT:
+            raise ValueError(f"{path} is not an EditHistory file (format={meta.get('format')!r})")
+        h = cls()
+        h.grams = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("gram.")}
+        h.counts = {int(l): n for l, n in meta["counts"].items()}
+        h.nullspaces = {int(l): NullSpace(tensors[f"nullspace.{l}"], tensors[f"eigenvalues.{l}"], float(t))
+                        for l, t in meta["thresholds"].items()}
+        return h
+
+    def __repr__(self) -> str:
+        return f"EditHistory({len(self)} edit(s) recorded, layers {sorted(self.grams)})"
 
 # %% ../nbs/07_editing.ipynb #77606e24
 def _check_requests(requests: Sequence, tok, method: str, emmet_lambda: float) -> list[EditRequest]:
@@ -191,10 +249,21 @@ def _value_hook(hp: HParams) -> str:
     return hp.value_hook
 
 
-def _solve(method: str, C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, emmet_lambda: float):
-    if method == "rome": return rome_update(C, K[:, 0], R[:, 0], return_info=True)
-    if method == "memit": return memit_update(C, K, R, return_info=True)
-    return emmet_update(C, K, R, emmet_lambda=emmet_lambda, return_info=True)
+def _solve(hp: HParams, C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *, prev_gram=None, nullspace=None,
+           k_bare=None, W=None):
+    """The closed form of `hp.method` (chapters 0 and 00b) for one layer: C0 (d_in, d_in) the mean key second
+    moment, K (d_in, E), R (d_out, E); `prev_gram` Σ k kᵀ of earlier edits (ENCORE, AlphaEdit); `nullspace` AlphaEdit's;
+    `k_bare` (d_in,) and W (d_out, d_in) for ROME's key variants. Returns (Δ, diagnostics or None)."""
+    C = hp.mom2_update_weight * C0.to(K.device, torch.float64)
+    if hp.method == "rome":
+        if hp.rome_keys == "emmet": return rome_update(C, K[:, 0], R[:, 0], return_info=True)
+        return rome_variant_update(C, K[:, 0], k_bare, R[:, 0], W, hp.rome_keys), None
+    if hp.method == "memit": return memit_update(C, K, R, return_info=True)
+    if hp.method == "emmet": return emmet_update(C, K, R, emmet_lambda=hp.emmet_lambda, return_info=True)
+    if hp.method == "encore":
+        return encore_update(C0.to(K.device), K, R, mom2_update_weight=hp.mom2_update_weight,
+                             update_norm_lambda=hp.update_norm_lambda, prev_gram=prev_gram, return_info=True)
+    return alphaedit_update(nullspace, K, R, L2=hp.L2, prev_gram=prev_gram, C0=C0, return_info=True)
 
 
 def _info_dict(info) -> dict:
@@ -226,14 +295,16 @@ def _check_values(tv, reqs: list[EditRequest], layer: int, hook: str, d: int):
 
 def edit(model, tok, requests, method: str | None = None, hparams: HParams | None = None, *, stats=None,
          corpus=None, cache_dir=None, templates: ContextTemplates | None = None, values: TargetValues | None = None,
-         progress: bool = True, **overrides) -> Edit:
-    """Edit `model` in place with ROME, MEMIT or EMMET and return the applied `Edit`.
+         history: "EditHistory | None" = None, progress: bool = True, **overrides) -> Edit:
+    """Edit `model` in place with ROME, MEMIT, EMMET, ENCORE or AlphaEdit and return the applied `Edit`.
 
     `requests`: CounterFact-style dicts (`{"prompt": "{} plays", "subject": "LeBron James", "target_new": {"str": "football"}}`)
     or `EditRequest`s. `stats`: precomputed statistics (layer -> C0 (d_in, d_in) or an object with `.mom2`); if None
     they are computed from `corpus` (see `unifiededit.stats`). `values`: precomputed target values of exactly these
     requests, in this order, at the last edited layer and its hook point (e.g. from a cache); they replace step 2's
-    optimization. `overrides` replace hyper-parameter fields. On any error the model is left exactly as it was.
+    optimization. `history`: an `EditHistory` kept between sequential calls — the keys of earlier edits enter
+    ENCORE's and AlphaEdit's objectives (`add_prev_edits`), and this edit's keys are added to it once the edit
+    succeeded. `overrides` replace hyper-parameter fields. On any error the model (and `history`) are left as they were.
     """
     t_start = time.perf_counter()
     if hparams is None: hparams = HParams.for_model(model, method or "emmet", **overrides)
@@ -281,13 +352,14 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
                                        v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
                                        kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
-                                       batch_size=hp.v_batch_size, precision=hp.v_precision, progress=progress)
+                                       batch_size=hp.v_batch_size, precision=hp.v_precision,
+                                       prob_cutoff=hp.prob_cutoff, progress=progress)
         times["values"] = time.perf_counter() - t
         Z = tv.z.to(torch.float64)                                                      # (E, d_model)
 
         # 4. layer by layer: keys, residual, closed-form update, write
         originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
-        deltas, layer_diag = {}, {}
+        deltas, layer_diag, used_keys, scratch = {}, {}, {}, EditHistory()
         times.update(keys=0.0, solve=0.0, write=0.0)
         try:
             for i, layer in enumerate(hp.layers):
@@ -300,8 +372,13 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
                 times["keys"] += time.perf_counter() - t
                 R = ((Z.to(H.device) - H) / (len(hp.layers) - i)).T                     # (d_out, E)
                 t = time.perf_counter()
-                C = hp.mom2_update_weight * C0[layer].to(K.device, torch.float64)
-                delta, info = _solve(method, C, K.to(C.device), R.to(C.device), hp.emmet_lambda)
+                delta, info = _solve(hp, C0[layer].to(K.device), K, R.to(K.device),
+                                     prev_gram=history.gram(layer) if history is not None and hp.add_prev_edits else None,
+                                     nullspace=(scratch if history is None else history).nullspace(layer, C0[layer], hp)
+                                               if method == "alphaedit" else None,
+                                     k_bare=compute_keys(model, tok, reqs, layer, adapter=adapter, mode="bare")[:, 0]
+                                            if method == "rome" and hp.rome_keys != "emmet" else None,
+                                     W=adapter.read_weight(layer) if method == "rome" and hp.rome_keys == "r-rome" else None)
                 times["solve"] += time.perf_counter() - t
                 if not torch.isfinite(delta).all():
                     raise FloatingPointError(f"the update for layer {layer} contains NaN or inf (cond(KᵀC⁻¹K) = "
@@ -312,6 +389,12 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
                 times["write"] += time.perf_counter() - t
                 layer_diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()),
                                      **_info_dict(info)}
+                used_keys[layer] = K
+            if history is not None:                                  # the keys this edit wrote, for later edits
+                if method == "alphaedit":                          # upstream AlphaEdit: recomputed after the edit
+                    used_keys = {l: compute_keys(model, tok, reqs, l, templates, adapter=adapter, mode=hp.key_mode)
+                                 for l in hp.layers}
+                for l, K in used_keys.items(): history.add(l, K)
         except BaseException:
             for name, w in originals.items(): set_parameter_value(model, name, w)
             raise

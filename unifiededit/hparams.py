@@ -16,18 +16,22 @@ from .models import PRECISIONS, ModelAdapter
 from .store import check_choice, check_int, check_real
 
 # %% auto #0
-__all__ = ['METHODS', 'BOOKKEEPING_FIELDS', 'NOOP_FIELDS', 'LAYER_FRACTION', 'HParams']
+__all__ = ['METHODS', 'BOOKKEEPING_FIELDS', 'NOOP_FIELDS', 'UNUSED_FIELDS', 'ALPHAEDIT_RELATIVE_THRESHOLD', 'ALPHAEDIT_L2',
+           'LAYER_FRACTION', 'HParams']
 
 # %% ../nbs/06_hparams.ipynb #2642df9a
-METHODS = ("rome", "memit", "emmet")
+METHODS = ("rome", "memit", "emmet", "alphaedit", "encore")
 
 # Fields upstream files carry that only record provenance or target other code paths. They are read and kept in
 # `HParams.meta`, never silently dropped.
 BOOKKEEPING_FIELDS = {"alg_name", "model_name", "device", "stats_dir", "model_parallel", "fp16", "max_length",
-                      "batch_size", "layer_selection", "mom2_n_samples"}
+                      "batch_size", "layer_selection", "mom2_n_samples", "sequential",
+                      # declared in ENCORE's files, used by none of its code paths
+                      "norm_control", "random_vector_preservation"}
 # Upstream switches for behaviours this package does not implement: accepted only at their no-op value.
-NOOP_FIELDS = {"bias_update": False, "dynamic": False, "dynamic_multiplier": 1, "update_norm_lambda": 0,
-               "calculate_objective_value": False}
+NOOP_FIELDS = {"bias_update": False, "dynamic": False, "calculate_objective_value": False}
+# ENCORE's files declare dynamic_multiplier = 5 although none of its code reads it (upstream MEMIT's is 1)
+UNUSED_FIELDS = {"dynamic_multiplier"}
 
 
 def _layers(layers) -> list[int]:
@@ -69,6 +73,14 @@ class HParams:
     # solve
     mom2_update_weight: float = 1.0
     emmet_lambda: float = 0.1
+    # beyond the paper (chapter 00b): ENCORE, AlphaEdit, ROME's keys, most-probable early stopping
+    update_norm_lambda: float = 0.0        # μ of ENCORE's norm penalty (absolute, as upstream)
+    add_prev_edits: bool = True            # ENCORE/AlphaEdit: keep earlier edits' keys (an EditHistory) in the objective
+    nullspace_threshold: float | None = None   # AlphaEdit: absolute eigenvalue threshold on C0 (upstream: 2e-2)
+    nullspace_relative: float | None = None    # ... or relative to C0's largest eigenvalue (exactly one of the two)
+    L2: float = 10.0                       # AlphaEdit's ridge α
+    rome_keys: str = "emmet"               # ROME's keys: 'emmet', 'original', 'r-rome', 'p-rome'
+    prob_cutoff: float | None = None       # MPES: < 0 stop after |k| evaluations with every target the argmax; > 0 at p
     # module names (None = detect from the model)
     rewrite_module_tmp: str | None = None
     layer_module_tmp: str | None = None
@@ -100,6 +112,17 @@ class HParams:
             check_real(name, getattr(self, name), nonnegative=True)
         if not isinstance(self.mom2_adjustment, bool):
             raise TypeError(f"mom2_adjustment must be True or False, got {self.mom2_adjustment!r}")
+        check_real("update_norm_lambda", self.update_norm_lambda, nonnegative=True)
+        check_real("L2", self.L2, positive=True)
+        check_choice("rome_keys", self.rome_keys, ("emmet", "original", "r-rome", "p-rome"))
+        if not isinstance(self.add_prev_edits, bool):
+            raise TypeError(f"add_prev_edits must be True or False, got {self.add_prev_edits!r}")
+        if self.prob_cutoff is not None: check_real("prob_cutoff", self.prob_cutoff)
+        for name in ("nullspace_threshold", "nullspace_relative"):
+            if getattr(self, name) is not None: check_real(name, getattr(self, name), positive=True)
+        if self.method == "alphaedit" and (self.nullspace_threshold is None) == (self.nullspace_relative is None):
+            raise ValueError("AlphaEdit needs exactly one of nullspace_threshold (absolute, upstream) and "
+                             f"nullspace_relative, got {self.nullspace_threshold!r} and {self.nullspace_relative!r}")
         if self.mom2_n_tokens is not None and self.mom2_n_tokens not in ("min", "auto"):
             check_int("mom2_n_tokens", self.mom2_n_tokens, low=1)
         if self.mom2_max_length is not None: check_int("mom2_max_length", self.mom2_max_length, low=1)
@@ -132,6 +155,18 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
+_ROME_KEY_FLAGS = ("enable_prompt_keys", "enable_random_prefix_keys", "original_implementation")
+
+
+def _rome_keys_from_flags(flags: dict, source: str) -> str:
+    "rebuilding-rome's three switches as a `rome_keys` value (its defaults: random-prefix keys, i.e. r-ROME)."
+    prompt, prefix = flags.get("enable_prompt_keys", False), flags.get("enable_random_prefix_keys", True)
+    if prompt == prefix:
+        raise ValueError(f"{source}: enable_prompt_keys and enable_random_prefix_keys must differ, got {flags}")
+    if prefix: return "r-rome"
+    return "original" if flags.get("original_implementation", True) else "p-rome"
+
+
 @classmethod
 def _from_dict(cls, data: dict, method: str | None = None, strict: bool = True, source: str = "dict") -> HParams:
     data = dict(data)
@@ -139,9 +174,11 @@ def _from_dict(cls, data: dict, method: str | None = None, strict: bool = True, 
     meta, kwargs, unknown = {"source": source}, {}, []
     alg = data.pop("alg_name", None)
     if alg is not None: meta["alg_name"] = alg
+    flags = {k: data.pop(k) for k in _ROME_KEY_FLAGS if k in data}         # rebuilding-rome's switches
+    if flags: kwargs["rome_keys"] = _rome_keys_from_flags(flags, source)
     for k, v in data.items():
         if k in known: kwargs[k] = v
-        elif k in BOOKKEEPING_FIELDS: meta[k] = v
+        elif k in BOOKKEEPING_FIELDS or k in UNUSED_FIELDS: meta[k] = v
         elif k in NOOP_FIELDS:
             if v != NOOP_FIELDS[k]:
                 raise ValueError(f"{source}: {k}={v!r} is not supported by unifiededit (only {NOOP_FIELDS[k]!r})")
@@ -177,6 +214,8 @@ def _from_file(cls, path, method: str | None = None, strict: bool = True) -> HPa
 HParams.from_dict, HParams.from_file = _from_dict, _from_file
 
 # %% ../nbs/06_hparams.ipynb #5162d708
+ALPHAEDIT_RELATIVE_THRESHOLD = 1e-2   # null space: eigenvalues of C0 below 1 % of the largest (see chapter 00b)
+ALPHAEDIT_L2 = 10.0                   # upstream's ridge
 LAYER_FRACTION = {"gpt2": 0.35, "gptj": 0.18, "gpt_neox": 0.34}   # single edited layer / depth; others: 0.17
 
 
@@ -193,7 +232,7 @@ def _for_model(cls, model, method: str = "emmet", **overrides) -> HParams:
     frac = LAYER_FRACTION.get(model_type, 0.17)
     centre = min(max(round(frac * (n - 1)), 0), n - 1)
     method = method.lower()
-    if method == "memit":
+    if method in ("memit", "alphaedit", "encore"):                 # the methods that spread an edit over a window
         width = min(5, max(2, n // 6), n)
         start = min(max(centre - width // 2, 0), n - width)
         layers = list(range(start, start + width))
@@ -202,6 +241,11 @@ def _for_model(cls, model, method: str = "emmet", **overrides) -> HParams:
     defaults = dict(method=method, layers=layers, key_mode="mean" if method == "rome" else "memit",
                     context_template_length_params=[[5, 10], [10, 10]] if method == "rome" else [[10, 5]],
                     v_loss_layer=n - 1)
+    if method == "encore":         # upstream's ratio μ / λ = 10 / 15,000 (Llama-2) at our λ, and its MPES (-3)
+        lam = overrides.get("mom2_update_weight", 1.0)
+        defaults.update(update_norm_lambda=lam * 10 / 15_000, prob_cutoff=-3)
+    if method == "alphaedit" and "nullspace_threshold" not in overrides:
+        defaults.update(nullspace_relative=ALPHAEDIT_RELATIVE_THRESHOLD, L2=ALPHAEDIT_L2)
     return cls(**{**defaults, **overrides})
 
 

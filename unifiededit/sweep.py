@@ -43,7 +43,8 @@ def _num(v):
 
 # %% ../nbs/12_sweep.ipynb #b3118044
 VALUE_CACHE_FORMAT = "unifiededit.values-cache/1"
-VALUE_HPARAMS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "v_precision")
+VALUE_HPARAMS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "v_precision",
+                 "prob_cutoff")
 EARLY_STOP_LOSS = 5e-2                   # compute_target_values' default, which `edit` uses
 _SCALARS = ("loss_init", "loss_final", "nll_final", "kl_final", "prob_init", "prob_final")
 
@@ -125,7 +126,8 @@ def cached_target_values(model, tok, requests: Sequence, layer: int, templates, 
     adapter = adapter or ModelAdapter.from_model(model, **hparams.module_overrides())
     kw = dict(adapter=adapter, v_lr=hparams.v_lr, v_num_grad_steps=hparams.v_num_grad_steps,
               clamp_norm_factor=hparams.clamp_norm_factor, kl_factor=hparams.kl_factor,
-              v_weight_decay=hparams.v_weight_decay, precision=hparams.v_precision, hook=hook,
+              v_weight_decay=hparams.v_weight_decay, precision=hparams.v_precision,
+              prob_cutoff=hparams.prob_cutoff, hook=hook,
               batch_size=hparams.v_batch_size,
               early_stop_loss=EARLY_STOP_LOSS, progress=progress)
     if cache is None: return compute_target_values(model, tok, reqs, layer, templates, **kw)

@@ -26,7 +26,7 @@ __all__ = ['KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompt
            'TargetValues', 'frozen_eval', 'compute_target_values_serial', 'prefix_reuse_unsupported',
            'prefix_reuse_supported', 'compute_target_values']
 
-# %% ../nbs/05_values.ipynb #0f618249
+# %% ../nbs/05_values.ipynb #7641ced6
 @dataclass(frozen=True)
 class ValueConfig:
     """The settings that determine a target value (upstream `compute_z`'s names and defaults).
@@ -40,6 +40,8 @@ class ValueConfig:
     kl_factor: float = 0.0625          # λ_KL
     v_weight_decay: float = 1e-3       # λ_wd
     early_stop_loss: float = 5e-2      # an edit stops once its loss is below this
+    prob_cutoff: float | None = None   # MPES (ENCORE): < 0 stop after |k| evaluations with every target the argmax
+                                       # in every prefixed prompt; > 0 once the mean target probability exceeds it
     precision: str = "float32"         # of the forward passes: 'float32', 'tf32' or 'bfloat16'
 
     def __post_init__(self):
@@ -47,6 +49,7 @@ class ValueConfig:
         for name in ("v_lr", "clamp_norm_factor"): check_real(name, getattr(self, name), positive=True)
         for name in ("kl_factor", "v_weight_decay"): check_real(name, getattr(self, name), nonnegative=True)
         check_real("early_stop_loss", self.early_stop_loss)
+        if self.prob_cutoff is not None: check_real("prob_cutoff", self.prob_cutoff)
         check_choice("precision", self.precision, PRECISIONS)
 
     def replace(self, **changes) -> "ValueConfig": return dataclasses.replace(self, **changes)
@@ -155,7 +158,7 @@ class TargetValues:
 
     def __len__(self) -> int: return len(self.delta)
 
-# %% ../nbs/05_values.ipynb #1c9a6a1b
+# %% ../nbs/05_values.ipynb #9f34e4da
 HOOKS = ("layer", "rewrite")
 
 
@@ -175,11 +178,17 @@ def frozen_eval(model):
         for p, f in flags: p.requires_grad_(f)
 
 
+def _mpes_stop(prob_cutoff, top1_count, prob):
+    "Most-probable early stopping (ENCORE): has the edit reached its cutoff? (element-wise on tensors)"
+    if prob_cutoff is None: return False if not isinstance(prob, torch.Tensor) else torch.zeros_like(prob, dtype=torch.bool)
+    return top1_count >= -prob_cutoff if prob_cutoff < 0 else prob > prob_cutoff
+
+
 def _non_finite(request, what: str, value) -> ValueError:
     return ValueError(f"non-finite {what} ({value}) while optimizing the value of {request.text!r} -> "
                       f"{request.target_new!r}: lower v_lr, check the model's dtype (float16 overflows) or the layer")
 
-# %% ../nbs/05_values.ipynb #79def69a
+# %% ../nbs/05_values.ipynb #1d1fe51b
 def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg: ValueConfig) -> dict:
     "Upstream's `compute_z` loop for one edit; returns its delta, h, losses, probabilities, step count and history."
     device = execution_device(model)
@@ -197,7 +206,8 @@ def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg
             st["delta"] = torch.zeros(act.shape[-1], dtype=dt, device=act.device, requires_grad=True)
         return add_at_positions(st["delta"].expand(N + 1, -1), rows, pos)(module_name, act)
 
-    opt, kl_init, hist, n_steps = None, None, [], 0
+    opt, kl_init, hist, n_steps, top1_count = None, None, [], 0, 0
+    mp_rows = list(range(1, N)) if N > 1 else [0]                                  # MPES: the prefixed prompts
     for it in range(cfg.v_num_grad_steps):
         if opt is not None: opt.zero_grad()
         with Trace(model, [name], retain_output=False, edit_output=edit), forward_precision(device, cfg.precision):
@@ -213,6 +223,9 @@ def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg
         if not torch.isfinite(loss): raise _non_finite(req, "loss", loss.item())
         hist.append(loss.item())
         if it == 0: l0, p0 = loss.item(), torch.exp(-nll_each).mean().item()
+        top1 = all(bool((logits[j].argmax(-1)[labels[j] != -100] == labels[j][labels[j] != -100]).all()) for j in mp_rows)
+        top1_count += top1
+        if _mpes_stop(cfg.prob_cutoff, top1_count, torch.exp(-nll_each).mean().item()): break
         if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1: break
         loss.backward()
         opt.step()
@@ -225,7 +238,7 @@ def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg
                 p0=p0, p1=torch.exp(-nll_each).mean().item(), n=n_steps,
                 hist=hist + [float("nan")] * (cfg.v_num_grad_steps - len(hist)))
 
-# %% ../nbs/05_values.ipynb #b63c8eea
+# %% ../nbs/05_values.ipynb #82eacedf
 def compute_target_values_serial(model, tok, requests: Sequence, layer: int, templates=None, *,
                                  config: ValueConfig | None = None, adapter: ModelAdapter | None = None,
                                  hook: str = "layer", progress: bool = False, **settings) -> TargetValues:
@@ -246,11 +259,13 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
                         prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor([o["n"] for o in out]),
                         loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs, path="serial")
 
-# %% ../nbs/05_values.ipynb #a8822281
-def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k: int, hid_kl):
-    """Per-edit NLL (k,), mean target probability (k,) and KL-prompt log-probabilities (k, V) of k edits, from final
-    hidden states: hid_t (n_t, d) at the target positions, t_lab (n_t,) the tokens they must predict, t_w (n_t,) = 1/T,
-    t_row (n_t,) their rewrite row (0..n_rw-1), rw_edit (n_rw,) each rewrite row's edit (0..k-1); hid_kl (k, d)."""
+# %% ../nbs/05_values.ipynb #bbd393bd
+def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k: int, hid_kl, t_mp):
+    """Per-edit NLL (k,), mean target probability (k,), KL-prompt log-probabilities (k, V) and whether every target
+    of the MPES prompts is the argmax (k,) of k edits, from final hidden states: hid_t (n_t, d) at the target
+    positions, t_lab (n_t,) the tokens they must predict, t_w (n_t,) = 1/T, t_row (n_t,) their rewrite row
+    (0..n_rw-1), rw_edit (n_rw,) each rewrite row's edit (0..k-1), t_mp (n_t,) whether MPES looks at the token;
+    hid_kl (k, d)."""
     logp = torch.log_softmax(adapter.logits(hid_t).to(fdt), -1)                              # (n_t, V)
     dev = logp.device
     tok_lp = logp.gather(1, t_lab.unsqueeze(1)).squeeze(1)                                   # (n_t,)
@@ -258,9 +273,11 @@ def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k
     n_rw = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.ones_like(row_nll))   # N per edit
     nll = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, row_nll) / n_rw              # (k,)
     prob = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit, torch.exp(-row_nll.detach())) / n_rw
-    return nll, prob, torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1)
+    miss = ((logp.detach().argmax(-1) != t_lab) & t_mp).to(fdt)                              # (n_t,)
+    top1 = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit[t_row], miss) == 0
+    return nll, prob, torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1), top1
 
-# %% ../nbs/05_values.ipynb #e943bbc4
+# %% ../nbs/05_values.ipynb #a8279c13
 class _ChunkOptimizer:
     "The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes (see above)."
     def __init__(self, reqs, cfg: ValueConfig, sync_every: int = 1, bar=None):
@@ -274,21 +291,23 @@ class _ChunkOptimizer:
         self.opt = torch.optim.Adam([self.delta], lr=self.cfg.v_lr, **({"fused": True} if dev.type == "cuda" else {}))
         self.active = torch.ones(E, dtype=torch.bool, device=dev)          # edits still optimizing
         self.n_steps = torch.zeros(E, dtype=torch.long, device=dev)
+        self.top1 = torch.zeros(E, dtype=torch.long, device=dev)          # MPES: evaluations with every target top-1
         self.hist = torch.full((self.cfg.v_num_grad_steps, E), float("nan"), device=dev)
         self.res = {k: torch.zeros(E, device=dev) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
         self.bad = {w: torch.zeros(E, dtype=torch.bool, device=dev) for w in ("loss", "delta")}
         self.kl_init, self.batch, self.batch_dev = None, list(range(E)), torch.arange(E, device=dev)
 
-    def loss(self, adapter, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl):
-        "Total loss (k,) of the k edits of `self.batch` (in that order), and its NLL, KL and mean target probability."
+    def loss(self, adapter, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl, t_mp):
+        """Total loss (k,) of the k edits of `self.batch` (in that order), its NLL, KL and mean target probability,
+        and whether every MPES target is the argmax."""
         idx, fdt = self.batch_dev, self.delta.dtype
-        nll, prob, kl_logp = _value_loss(adapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, len(idx), hid_kl)
+        nll, prob, kl_logp, top1 = _value_loss(adapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, len(idx), hid_kl, t_mp)
         if self.kl_init is None: self.kl_init = kl_logp.detach().clone()     # first call: every edit, delta = 0
         kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(kl_logp.device)])).sum(-1)          # KL(P_δ || P_0)
         wd = self.cfg.v_weight_decay * self.delta[idx].norm(dim=-1) / self.h[idx].to(fdt).norm(dim=-1) ** 2
-        return nll + self.cfg.kl_factor * kl + wd.to(nll.device), nll, kl, prob
+        return nll + self.cfg.kl_factor * kl + wd.to(nll.device), nll, kl, prob, top1
 
-    def step(self, it: int, loss, nll, kl, prob) -> bool:
+    def step(self, it: int, loss, nll, kl, prob, top1) -> bool:
         """Record evaluation `it` of the batch; stop the edits below the threshold; unless this was the last
         evaluation, one Adam step and the projection for the others. Returns False when the chunk is done."""
         cfg, idx, dev = self.cfg, self.batch_dev, self.delta.device
@@ -298,7 +317,9 @@ class _ChunkOptimizer:
         if it == 0: self.res["loss_init"][idx], self.res["p0"][idx] = lv, prob.detach().to(dev)
         for key, v in (("loss_final", lv), ("nll", nll), ("kl", kl), ("p1", prob)):
             self.res[key][idx] = torch.where(act, v.detach().to(dev), self.res[key][idx])
-        go = act & (lv >= cfg.early_stop_loss)                              # per-edit early stop
+        self.top1[idx] += (act & top1.to(dev)).long()
+        mpes = _mpes_stop(cfg.prob_cutoff, self.top1[idx], prob.detach().to(dev))
+        go = act & (lv >= cfg.early_stop_loss) & ~mpes                      # per-edit early stop
         last = it == cfg.v_num_grad_steps - 1
         if not last:
             self.opt.zero_grad()
@@ -334,11 +355,11 @@ class _ChunkOptimizer:
                     loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
                     hist=self.hist.cpu())
 
-# %% ../nbs/05_values.ipynb #bbaa3d5b
+# %% ../nbs/05_values.ipynb #4afba58b
 def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device, head_device):
     "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
     seqs, subj, row_edit, kl_rows, first_rows, rw_edit = [], [], [], [], [], []
-    t_row, t_pos, t_lab, t_w, t_rw = [], [], [], [], []
+    t_row, t_pos, t_lab, t_w, t_rw, t_mp = [], [], [], [], [], []
     for k, e in enumerate(edits):
         vp, base = prompts[e], len(seqs)
         first_rows.append(base)
@@ -348,11 +369,12 @@ def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device
         for j, tp in enumerate(vp.target_pos):
             t_row += [base + j] * len(tp); t_pos += tp; t_lab += vp.target_ids; t_w += [1.0 / len(tp)] * len(tp)
             t_rw += [len(rw_edit)] * len(tp); rw_edit.append(k)
+            t_mp += [j > 0 or vp.n_rewrite == 1] * len(tp)                  # MPES: the prefixed prompts
     ids, mask = pad_right(seqs, pad, device)
     L = lambda x, dev=device, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)
     return dict(ids=ids, mask=mask, subj=L(subj), row_edit=L(row_edit), kl_rows=L(kl_rows), first_rows=L(first_rows),
                 t_row=L(t_row), t_pos=L(t_pos), t_lab=L(t_lab, head_device), t_w=L(t_w, head_device, torch.float32),
-                t_rw=L(t_rw, head_device), rw_edit=L(rw_edit, head_device))
+                t_rw=L(t_rw, head_device), rw_edit=L(rw_edit, head_device), t_mp=L(t_mp, head_device, torch.bool))
 
 
 def _optimize_chunk(model, tok, adapter, name, reqs, prompts, cfg: ValueConfig, sync_every: int = 1, bar=None):
@@ -375,12 +397,12 @@ def _optimize_chunk(model, tok, adapter, name, reqs, prompts, cfg: ValueConfig, 
             hidden = adapter.final_hidden(b["ids"], b["mask"])            # (R, T, d): no logits yet
             at = lambda x: x.to(hidden.device)
             kl_rows = at(b["kl_rows"])
-            loss, nll, kl, prob = st.loss(adapter, hidden[at(b["t_row"]), at(b["t_pos"])], b["t_lab"], b["t_w"],
-                                          b["t_rw"], b["rw_edit"], hidden[kl_rows, at(b["subj"])[kl_rows]])
-        if not st.step(it, loss, nll, kl, prob): break
+            out = st.loss(adapter, hidden[at(b["t_row"]), at(b["t_pos"])], b["t_lab"], b["t_w"], b["t_rw"],
+                          b["rw_edit"], hidden[kl_rows, at(b["subj"])[kl_rows]], b["t_mp"])
+        if not st.step(it, *out): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #12669fed
+# %% ../nbs/05_values.ipynb #035d4cf6
 class _Replay(nn.Module):
     """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
     (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
@@ -437,16 +459,17 @@ def prefix_reuse_supported(model) -> bool:
     "Whether the suffix-only path can run `model` (see `prefix_reuse_unsupported` for why not)."
     return prefix_reuse_unsupported(model) is None
 
-# %% ../nbs/05_values.ipynb #fa597528
+# %% ../nbs/05_values.ipynb #705c27f5
 def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
     """The rows of a chunk for the suffix path. Row r (edit `edit[r]`) is split at its subject's last token s[r]:
     the prefix [0, s) is never recomputed; the suffix [s, s + q) is run at every step — up to the last target
     position for a rewrite prompt, the subject's last token alone (q = 1) for the KL prompt."""
-    ids, s, q, edit, rw, first, t_rel, t_lab = [], [], [], [], [], [], [], []
+    ids, s, q, edit, rw, first, t_rel, t_lab, mp = [], [], [], [], [], [], [], [], []
     for e, vp in enumerate(prompts):
         for j, x in enumerate(vp.input_ids):
             pos = vp.subject_pos[j]
             ids.append(list(x)); s.append(pos); edit.append(e); rw.append(j < vp.n_rewrite)
+            mp.append(j > 0 or vp.n_rewrite == 1)                            # MPES looks at the prefixed prompts
             if j == 0: first.append(len(s) - 1)
             if j < vp.n_rewrite:
                 q.append(len(x) - pos); t_rel.append([p - pos for p in vp.target_pos[j]]); t_lab.append(vp.target_ids)
@@ -455,7 +478,8 @@ def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
     Q = max(q)
     sfx = torch.full((len(ids), Q), pad, dtype=torch.long)                  # (R, Q) suffix token ids
     for r, x in enumerate(ids): sfx[r, :q[r]] = torch.tensor(x[s[r]:s[r] + q[r]])
-    return dict(ids=ids, s=torch.tensor(s), q=q, edit=edit, rw=rw, first=first, t_rel=t_rel, t_lab=t_lab, sfx=sfx)
+    return dict(ids=ids, s=torch.tensor(s), q=q, edit=edit, rw=rw, first=first, t_rel=t_rel, t_lab=t_lab, sfx=sfx,
+                mp=mp)
 
 
 def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -467,7 +491,7 @@ def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
         cur.append(r); width = max(width, lengths[r])
     return groups + [cur] if cur else groups
 
-# %% ../nbs/05_values.ipynb #00ce5326
+# %% ../nbs/05_values.ipynb #65f55ec5
 @torch.no_grad()
 def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: dict, n_edits: int, pad: int,
                   max_tokens: int):
@@ -526,7 +550,7 @@ def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: 
             replay[gi.to(ra.device)] = ra.gather(1, srcq[..., None].expand(g, Q, ra.shape[-1]))
     return kv, replay, h, template
 
-# %% ../nbs/05_values.ipynb #7a2cbfe0
+# %% ../nbs/05_values.ipynb #7befc56c
 def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, n_replay: int, n_layers: int,
                  device, head_device) -> dict:
     "The per-step inputs of the suffix path for the chunk edits `edits` (see above)."
@@ -536,7 +560,7 @@ def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, 
     for r in sel: buckets.setdefault(rows["q"][r] if grouping == "exact" else max(rows["q"][i] for i in sel), []).append(r)
     s_all, P_all = rows["s"], int(rows["s"].max())
     ref = next(iter(kv.values()))[0] if kv else replay                   # dtype and device of the placeholders
-    groups, t_flat, t_lab, t_w, t_row, rw_edit, kl_flat, offset = [], [], [], [], [], [], [0] * len(edits), 0
+    groups, t_flat, t_lab, t_w, t_row, rw_edit, t_mp, kl_flat, offset = [], [], [], [], [], [], [], [0] * len(edits), 0
     for qb in sorted(buckets):
         bk = buckets[qb]
         whole = bk == list(range(len(rows["q"])))                          # every row, in order: no gather needed
@@ -554,15 +578,16 @@ def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, 
             j, base = at[rows["edit"][r]], offset + b * qb
             if rows["rw"][r]:
                 for p, lab in zip(rows["t_rel"][r], rows["t_lab"][r]):
-                    t_flat.append(base + p); t_lab.append(lab); t_w.append(1.0 / len(rows["t_rel"][r])); t_row.append(len(rw_edit))
+                    t_flat.append(base + p); t_lab.append(lab); t_w.append(1.0 / len(rows["t_rel"][r]))
+                    t_row.append(len(rw_edit)); t_mp.append(rows["mp"][r])
                 rw_edit.append(j)
             else: kl_flat[j] = base
         offset += len(bk) * qb
     H = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=head_device)
     return dict(edits=list(edits), groups=groups, t_flat=torch.tensor(t_flat), kl_flat=torch.tensor(kl_flat),
-                t_lab=H(t_lab), t_w=H(t_w, torch.float32), t_row=H(t_row), rw_edit=H(rw_edit))
+                t_lab=H(t_lab), t_w=H(t_w, torch.float32), t_row=H(t_row), rw_edit=H(rw_edit), t_mp=H(t_mp, torch.bool))
 
-# %% ../nbs/05_values.ipynb #36c62fef
+# %% ../nbs/05_values.ipynb #3e3edcea
 def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, cfg: ValueConfig, max_tokens: int,
                            grouping: str = "exact", sync_every: int = 1, bar=None):
     """The suffix path: prefixes and the blocks below `n_replay` once (`_prefix_setup`), then at every step only the
@@ -598,12 +623,12 @@ def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, c
         with forward_precision(device, cfg.precision):
             flat = torch.cat(hidden)                                                   # (Σ b·q, d)
             at = lambda x: x.to(flat.device)
-            loss, nll, kl, prob = st.loss(adapter, flat[at(plan["t_flat"])], plan["t_lab"], plan["t_w"], plan["t_row"],
-                                          plan["rw_edit"], flat[at(plan["kl_flat"])])
-        if not st.step(it, loss, nll, kl, prob): break
+            out = st.loss(adapter, flat[at(plan["t_flat"])], plan["t_lab"], plan["t_w"], plan["t_row"],
+                          plan["rw_edit"], flat[at(plan["kl_flat"])], plan["t_mp"])
+        if not st.step(it, *out): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #14898d40
+# %% ../nbs/05_values.ipynb #6cb23424
 def _value_bytes_per_edit(model, prompts: list[ValuePrompts], n_run: int, suffix: bool, precision: str) -> float:
     """Rough upper bound on the device memory one edit needs during the value optimization: activations kept for the
     backward pass in the `n_run` blocks that run, the prefix KV cache, and the logits of its target positions."""
@@ -627,7 +652,7 @@ def _auto_batch_size(model, prompts, n_run: int, suffix: bool, precision: str, m
     longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)
     return max(1, max_tokens // longest)
 
-# %% ../nbs/05_values.ipynb #4e29658d
+# %% ../nbs/05_values.ipynb #bbbc9286
 def compute_target_values(model, tok, requests: Sequence, layer: int, templates=None, *,
                           config: ValueConfig | None = None, adapter: ModelAdapter | None = None, hook: str = "layer",
                           batch_size: int | None = None, max_tokens: int = 8192, reuse_prefix: bool | None = None,
