@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .hparams import METHODS
+
 # %% auto #0
-__all__ = ['DEMO_REQUEST', 'DEMO_PARAPHRASES', 'DEMO_UNRELATED', 'run_demo', 'run_edit', 'build_parser', 'main']
+__all__ = ['DEMO_REQUEST', 'DEMO_PARAPHRASES', 'DEMO_UNRELATED', 'run_demo', 'run_edit', 'run_sweep_command',
+           'run_lifelong_command', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #f74af145
 DEMO_REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
@@ -101,6 +104,75 @@ def _int_list(s: str, option: str) -> list[int]:
     try: return [int(x) for x in str(s).split(",") if x.strip()]
     except ValueError: raise ValueError(f"{option} takes comma-separated integers, got {s!r}") from None
 
+# %% ../nbs/11_cli.ipynb #568646c7
+def run_sweep_command(args, out=print):
+    "`unifiededit sweep`: `run_sweep` on a sample of `--data`, then `report_sweep`."
+    from unifiededit.data import load_dataset
+    from unifiededit.pretrained import load_pretrained
+    from unifiededit.stats import default_corpus
+    from unifiededit.sweep import default_layer_modes, report_sweep, run_sweep
+    if args.n_records is not None and args.n_records < 1: raise ValueError(f"--n-records must be >= 1, got {args.n_records}")
+    b1 = None if str(args.emmet_lambda_b1).lower() == "same" else float(args.emmet_lambda_b1)
+    ds = load_dataset(args.data)
+    records = ds.sample(min(args.n_records or len(ds), len(ds)), seed=args.seed)
+    model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))
+    out(f"{args.model} on {next(model.parameters()).device}; {len(records)} records from {args.data}")
+    layers = default_layer_modes(model)
+    if args.single_layer is not None: layers["single"] = [args.single_layer]
+    if args.multi_layers: layers["multi"] = _int_list(args.multi_layers, "--multi-layers")
+    overrides = {"seed": args.seed, **{k: v for k, v in [("mom2_n_tokens", args.n_tokens),
+                 ("mom2_update_weight", args.mom2_update_weight), ("emmet_lambda", args.emmet_lambda)] if v is not None}}
+    n_tok = overrides.get("mom2_n_tokens")
+    corpus = default_corpus(model, tok, path=args.corpus, n_tokens=n_tok if isinstance(n_tok, int) else None,
+                            seed=args.seed, verbose=not args.quiet)
+    try:
+        run = run_sweep(model, tok, records, args.out, methods=_names(args.methods),
+                        batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"), layer_modes=_names(args.layer_modes),
+                        layers=layers, sequential=args.sequential, sequential_eval=args.sequential_eval, corpus=corpus,
+                        stats_cache=_cache(args.cache_dir, "stats"), value_cache=_cache(args.cache_dir, "values"),
+                        overrides=overrides, emmet_lambda_b1=b1, max_batches=args.max_batches,
+                        time_budget=None if args.time_budget is None else 60 * args.time_budget,
+                        eval_batch_size=args.eval_batch_size, seed=args.seed, overwrite=args.overwrite,
+                        progress=not args.quiet, log=out)
+    except KeyboardInterrupt:
+        out(f"interrupted: the finished batches are saved in {args.out}; run the same command again to continue")
+        raise SystemExit(130) from None
+    report_sweep(run, out, plot=args.plot)
+    return run
+
+
+def _names(s: str) -> list[str]: return [x.strip() for x in str(s).split(",") if x.strip()]
+
+# %% ../nbs/11_cli.ipynb #714fc5c0
+def run_lifelong_command(args, out=print) -> dict:
+    "`unifiededit lifelong`: `run_lifelong` for each of `--methods` on the same records, one folder each."
+    from unifiededit.data import load_dataset
+    from unifiededit.hparams import HParams
+    from unifiededit.lifelong import run_lifelong, text_head
+    from unifiededit.pretrained import load_pretrained
+    from unifiededit.stats import collect_key_stats, file_corpus
+    ds = load_dataset(args.data)
+    records = ds.sample(min(args.n_records, len(ds)), seed=args.seed)
+    model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))
+    ppl = text_head(args.ppl_text, tok, args.ppl_tokens) if args.ppl_text else []
+    runs = {}
+    for spec in _names(args.methods):
+        method, _, variant = spec.partition(":")                    # e.g. rome:r-rome
+        over = {"seed": args.seed, **({"rome_keys": variant} if variant else {})}
+        if method != "rome" and args.layers: over["layers"] = _int_list(args.layers, "--layers")
+        hp = HParams.for_model(model, method, **over)
+        stats = collect_key_stats(model, tok, hp.layers, file_corpus(args.corpus), n_tokens=args.n_tokens,
+                                  cache=_cache(args.cache_dir, "stats"), progress=not args.quiet)
+        rome = method == "rome"
+        recs = records[:args.rome_records] if rome else records
+        name = spec.replace(":", "-")
+        out(f"== {name}: {len(recs)} edits, batches of {1 if rome else args.batch_size}, layers {hp.layers}")
+        runs[name] = run_lifelong(model, tok, recs, Path(args.out) / name, hparams=hp, stats=stats,
+                                  batch_size=1 if rome else args.batch_size,
+                                  eval_every=args.rome_eval_every if rome else args.eval_every, ppl_texts=ppl,
+                                  time_budget=None if args.time_budget is None else 60 * args.time_budget, log=out)
+    return runs
+
 # %% ../nbs/11_cli.ipynb #fc2f9c40
 _CORPUS_HELP = ("UTF-8 text file for the key statistics C0, one document per line, e.g. WikiText-2's wiki.test.raw "
                 "(from the `wikitext-2-raw-v1` archive of the WikiText dataset, Merity et al. 2016). Without it: "
@@ -136,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Edit 'The Eiffel Tower is located in the city of' -> Rome on a real model, show greedy "
                    "continuations before and after (the edited prompt, paraphrases, unrelated facts), then revert.")
     d.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
-    d.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"], help="editing method")
+    d.add_argument("--method", default="emmet", choices=METHODS, help="editing method")
     d.add_argument("--corpus", default=None, help=_CORPUS_HELP)
     d.add_argument("--n-tokens", type=_n_tokens, default=8_192, help=_NTOK_HELP)
     d.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
@@ -148,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--subject 'LeBron James' --target football --generate 'LeBron James is famous for'")
     e.add_argument("--model", required=True, help="short name (smollm2-135m-instruct, gemma3-270m), .gguf file, local "
                    "model folder or hub id")
-    e.add_argument("--method", default="emmet", choices=["rome", "memit", "emmet"], help="editing method")
+    e.add_argument("--method", default="emmet", choices=METHODS, help="editing method")
     e.add_argument("--prompt", required=True, help="prompt with {} where the subject goes")
     e.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
     e.add_argument("--target", required=True, help="the new object, e.g. Rome")
@@ -232,12 +304,8 @@ def main(argv=None) -> int:
             run_demo(args.model, args.method, args.corpus, args.n_tokens, args.cache_dir, seed=args.seed)
         elif args.command == "edit":
             run_edit(args)
-        elif args.command == "sweep":
-            from unifiededit.sweep import sweep_from_args
-            sweep_from_args(args)
-        elif args.command == "lifelong":
-            from unifiededit.lifelong import lifelong_from_args
-            lifelong_from_args(args)
+        elif args.command == "sweep": run_sweep_command(args)
+        elif args.command == "lifelong": run_lifelong_command(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"unifiededit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -64,7 +64,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: st
             f"could not download {url} ({e}). If this machine is offline, download that file elsewhere and pass "
             f"its local path instead (e.g. path='.../{name}'), or put it at {dest}.") from e
 
-
+# %% ../nbs/09_data.ipynb #0b923857
 def resolve_path(path: str | os.PathLike | None, name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     "`path` itself if a file, `path/name` if a folder, or the cached download of `name` when `path` is None."
     if path is None: return fetch(name, cache_dir)
@@ -139,7 +139,7 @@ def _get(rec: dict, path: str, typ, i: int, fmt: str, top=None):
                          f"got {type(cur).__name__}: {cur!r:.80}")
     return cur
 
-
+# %% ../nbs/09_data.ipynb #33c9d4e3
 def _strs(rec: dict, key: str, i: int, fmt: str, required: bool = True) -> tuple[str, ...]:
     if not required and key not in rec: return ()
     xs = _get(rec, key, list, i, fmt)
@@ -178,7 +178,7 @@ def parse_counterfact(raw: list) -> list[EditRecord]:
             target_true_id=rr["target_true"].get("id"), source="counterfact"))
     return out
 
-
+# %% ../nbs/09_data.ipynb #f9c975f9
 def _template(prompt: str, subject: str, i: int, rec: dict, fmt: str, field_name: str) -> str:
     if not subject or subject not in prompt:
         raise ValueError(f"{fmt}: {_where(i, rec)} subject {subject!r} does not occur in {field_name} {prompt!r}")
@@ -206,7 +206,7 @@ def parse_easyedit(raw: list) -> list[EditRecord]:
             source="easyedit"))
     return out
 
-
+# %% ../nbs/09_data.ipynb #20ac21c4
 def parse_zsre(raw: list, target: str = "answers") -> list[EditRecord]:
     """zsRE records in MEND's format; `case_id` is the position in the file, as in ROME/MEMIT.
 
@@ -296,7 +296,7 @@ def detect_format(raw: list) -> str:
     raise ValueError(f"unknown record format with fields {sorted(keys)}: expected CounterFact ('requested_rewrite', ...), "
                      f"EasyEdit ('prompt', 'target_new', 'ground_truth', ...) or zsRE ('src', 'answers', 'loc', ...)")
 
-
+# %% ../nbs/09_data.ipynb #03026f9e
 def _read_json(p: Path):
     try: return json.loads(Path(p).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON: {e}") from e
@@ -318,7 +318,7 @@ def load_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], fmt: st
     if size is not None: records = records[:size]
     return EditDataset(records, name or ", ".join(Path(p).name for p in paths))
 
-
+# %% ../nbs/09_data.ipynb #d1ab147a
 def load_counterfact(path: str | os.PathLike | None = None, *, multi: bool = False, size: int | None = None,
                      cache_dir: str | os.PathLike | None = None) -> EditDataset:
     "CounterFact in its original schema: a local file/folder, or `counterfact.json` (`multi_counterfact.json`) downloaded once."
@@ -366,7 +366,7 @@ def load_attribute_snippets(path: str | os.PathLike | None = None,
     "`attribute_snippets.json` from a local file/folder, or downloaded once (926 MB)."
     return AttributeSnippets(_read_json(resolve_path(path, "attribute_snippets.json", cache_dir)))
 
-
+# %% ../nbs/09_data.ipynb #44fae377
 @dataclass(frozen=True)
 class TfidfStats:
     "The fitted tf-idf statistics: `idf[vocab[term]]` is the inverse document frequency of `term`."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ import torch
 
 from .hooks import Trace
 from .hparams import HParams
-from .keys import ContextTemplates, EditRequest, compute_keys, subject_activations
+from .keys import ContextTemplates, EditRequest, as_requests, compute_keys, subject_activations
 from .models import ModelAdapter, eval_mode, parameter_value, set_parameter_value
 from .general import NullSpace, alphaedit_update, encore_update, nullspace, rome_variant_update
 from .objective import emmet_update, memit_update, rome_update
@@ -24,7 +25,7 @@ from .store import load_tensors, model_fingerprint, save_tensors
 from .values import TargetValues, compute_target_values, fitting_value_prompts
 
 # %% auto #0
-__all__ = ['EDIT_FORMAT', 'HISTORY_FORMAT', 'Edit', 'EditHistory', 'edit', 'adapter_names']
+__all__ = ['EDIT_FORMAT', 'HISTORY_FORMAT', 'Edit', 'EditHistory', 'Timer', 'edit', 'adapter_names']
 
 # %% ../nbs/07_editing.ipynb #ab3dd1ce
 @torch.no_grad()
@@ -104,7 +105,7 @@ class Edit:
         return (f"Edit({self.method}, {len(self.requests)} request(s), layers {self.layers}, ‖Δ‖ {{{norms}}}, "
                 f"{'applied' if self.applied else 'not applied'})")
 
-# %% ../nbs/07_editing.ipynb #0c717ff3
+# %% ../nbs/07_editing.ipynb #f14347e5
 EDIT_FORMAT = "unifiededit.Edit/2"
 _MODULE_FIELDS = ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
                   "lm_head_module")
@@ -142,7 +143,7 @@ def _load(cls, path) -> Edit:
 
 Edit.save, Edit.load = _save, classmethod(_load)
 
-# %% ../nbs/07_editing.ipynb #b9125cf5
+# %% ../nbs/07_editing.ipynb #f85bffc0
 HISTORY_FORMAT = "unifiededit.EditHistory/1"
 
 
@@ -201,12 +202,7 @@ class EditHistory:
 
 # %% ../nbs/07_editing.ipynb #77606e24
 def _check_requests(requests: Sequence, tok, method: str, emmet_lambda: float) -> list[EditRequest]:
-    if isinstance(requests, (dict, EditRequest)): requests = [requests]
-    if not isinstance(requests, (list, tuple)):
-        raise TypeError(f"requests must be a request (a dict like {{'prompt': '{{}} is in', 'subject': ..., 'target_new': "
-                        f"{{'str': ...}}}} or an EditRequest) or a list of them, got {type(requests).__name__}: {requests!r}")
-    reqs = [EditRequest.from_any(r) for r in requests]
-    if not reqs: raise ValueError("no edit requests given")
+    reqs = as_requests(requests)
     for r in reqs: r.validate(tok)
     if method == "rome" and len(reqs) != 1:
         raise ValueError(f"ROME writes one fact at a time, got {len(reqs)} requests; use method='memit' or 'emmet' "
@@ -240,7 +236,34 @@ def _check_stats(stats, adapter: ModelAdapter, layers: Sequence[int]) -> dict[in
         out[layer] = c0
     return out
 
-# %% ../nbs/07_editing.ipynb #e166efae
+# %% ../nbs/07_editing.ipynb #7dec105d
+class Timer:
+    """Wall-clock seconds per named step: `with timer("keys"): ...` adds the block's time to `timer.times["keys"]`.
+
+    >>> timer = Timer()
+    >>> with timer("nap"): time.sleep(0.01)
+    >>> list(timer.times), timer.times["nap"] >= 0.01
+    (['nap'], True)
+    """
+    def __init__(self): self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str):
+        t = time.perf_counter()
+        try: yield
+        finally: self.times[step] = self.times.get(step, 0.0) + time.perf_counter() - t
+
+# %% ../nbs/07_editing.ipynb #9738baf5
+def _preservation(model, tok, hp: HParams, adapter: ModelAdapter, stats, corpus, cache_dir,
+                  progress: bool) -> dict[int, torch.Tensor]:
+    "layer -> C0 (d_in, d_in) of every edited layer."
+    if not hp.mom2_adjustment: return {l: torch.eye(adapter.d_in(l), dtype=torch.float64) for l in hp.layers}
+    if stats is None:
+        stats = collect_key_stats(model, tok, hp.layers, corpus, hp.stats_config, cache=cache_dir, adapter=adapter,
+                                  progress=progress)
+    return _check_stats(stats, adapter, hp.layers)
+
+# %% ../nbs/07_editing.ipynb #e292b30f
 def _value_hook(hp: HParams) -> str:
     if hp.value_hook == "auto": return "rewrite" if len(hp.layers) == 1 else "layer"
     if hp.value_hook == "rewrite" and len(hp.layers) > 1:
@@ -249,6 +272,47 @@ def _value_hook(hp: HParams) -> str:
     return hp.value_hook
 
 
+def _check_values(tv, reqs: list[EditRequest], layer: int, hook: str, d: int):
+    "Precomputed target values must be for exactly `reqs` (same order), at `layer` and `hook`, shaped (E, d), finite."
+    if not isinstance(tv, TargetValues): raise TypeError(f"values must be a TargetValues, got {type(tv).__name__}")
+    if len(tv) != len(reqs): raise ValueError(f"values holds {len(tv)} target values for {len(reqs)} requests")
+    if (tv.layer, tv.hook) != (layer, hook):
+        raise ValueError(f"values were computed at layer {tv.layer}, hook {tv.hook!r}; this edit needs layer {layer}, "
+                         f"hook {hook!r}")
+    for name in ("delta", "h"):
+        if tuple(getattr(tv, name).shape) != (len(reqs), d):
+            raise ValueError(f"values.{name} has shape {tuple(getattr(tv, name).shape)}, expected {(len(reqs), d)}")
+    ident = lambda r: (r.prompt, r.subject, r.target_new)
+    given = [ident(r) for r in tv.requests]
+    if given != [ident(r) for r in reqs]:
+        j = next((j for j, (a, r) in enumerate(zip(given, reqs)) if a != ident(r)), len(given))
+        raise ValueError(f"values do not match the requests (same requests, same order): request {j} is "
+                         f"{ident(reqs[j]) if j < len(reqs) else None}, values hold {given[j] if j < len(given) else None}")
+    if not (torch.isfinite(tv.delta).all() and torch.isfinite(tv.h).all()): raise ValueError("values contain NaN or inf")
+    return tv
+
+
+def _target_values(model, tok, reqs: list[EditRequest], hp: HParams, adapter: ModelAdapter, templates, hook: str,
+                   values, progress: bool) -> TargetValues:
+    "Step 2: the given `values` (checked) or `compute_target_values` with the hyper-parameters' `ValueConfig`."
+    L = hp.layers[-1]
+    if values is not None: return _check_values(values, reqs, L, hook, adapter.d_out(L))
+    return compute_target_values(model, tok, reqs, L, templates, config=hp.value_config, adapter=adapter, hook=hook,
+                                 batch_size=hp.v_batch_size, progress=progress)
+
+# %% ../nbs/07_editing.ipynb #456a40ea
+def _residual(model, tok, reqs: list[EditRequest], hp: HParams, adapter: ModelAdapter, tv: TargetValues, hook: str,
+              i: int) -> torch.Tensor:
+    "R (d_out, E) of the i-th edited layer: its share of what is left between Z and the current activations."
+    Z = tv.z.to(torch.float64)                                                           # (E, d)
+    if len(hp.layers) == 1: H = tv.h.to(torch.float64)                                   # (E, d): nothing edited yet
+    else:
+        name = adapter.name("layer" if hook == "layer" else "rewrite", hp.layers[-1])
+        H = subject_activations(model, tok, reqs, name, ContextTemplates.bare(),
+                                which="output")[:, 0].to(torch.float64)                # (E, d) on the edited model
+    return ((Z.to(H.device) - H) / (len(hp.layers) - i)).T                              # (d_out, E)
+
+# %% ../nbs/07_editing.ipynb #15c74102
 def _solve(hp: HParams, C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *, prev_gram=None, nullspace=None,
            k_bare=None, W=None):
     """The closed form of `hp.method` (chapters 0 and 00b) for one layer: C0 (d_in, d_in) the mean key second
@@ -266,36 +330,70 @@ def _solve(hp: HParams, C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *, p
     return alphaedit_update(nullspace, K, R, L2=hp.L2, prev_gram=prev_gram, C0=C0, return_info=True)
 
 
+def _method_inputs(model, tok, reqs: list[EditRequest], hp: HParams, adapter: ModelAdapter, layer: int,
+                   C0: torch.Tensor, history: EditHistory | None, scratch: EditHistory) -> dict:
+    "`_solve`'s method-specific keyword arguments for `layer`."
+    m = hp.method
+    return dict(prev_gram=history.gram(layer) if history is not None and hp.add_prev_edits else None,
+                nullspace=(scratch if history is None else history).nullspace(layer, C0, hp) if m == "alphaedit" else None,
+                k_bare=compute_keys(model, tok, reqs, layer, adapter=adapter, mode="bare")[:, 0]
+                       if m == "rome" and hp.rome_keys != "emmet" else None,
+                W=adapter.read_weight(layer) if m == "rome" and hp.rome_keys == "r-rome" else None)
+
+
 def _info_dict(info) -> dict:
     if info is None: return {}
     d = info if isinstance(info, dict) else getattr(info, "__dict__", {})
     return {k: (float(v) if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1) else v)
             for k, v in d.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
 
+# %% ../nbs/07_editing.ipynb #d1c788a4
+def _edit_layers(model, tok, reqs: list[EditRequest], hp: HParams, adapter: ModelAdapter, templates, C0: dict,
+                 tv: TargetValues, hook: str, history: EditHistory | None, timer: Timer) -> tuple[dict, dict, dict]:
+    "Step 3: (layer -> Δ as written (float32, CPU), layer -> diagnostics, layer -> the keys K (d_in, E) solved with)."
+    deltas, diag, keys, scratch = {}, {}, {}, EditHistory()
+    for i, layer in enumerate(hp.layers):
+        with timer("keys"):
+            K = compute_keys(model, tok, reqs, layer, templates, adapter=adapter, mode=hp.key_mode).to(torch.float64)
+            R = _residual(model, tok, reqs, hp, adapter, tv, hook, i).to(K.device)        # (d_out, E)
+        with timer("solve"):
+            delta, info = _solve(hp, C0[layer].to(K.device), K, R,
+                                 **_method_inputs(model, tok, reqs, hp, adapter, layer, C0[layer], history, scratch))
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError(f"the update for layer {layer} contains NaN or inf (cond(KᵀC⁻¹K) = "
+                                     f"{_info_dict(info).get('cond', 'n/a')}); nothing was written")
+        with timer("write"):
+            deltas[layer] = delta.detach().to("cpu", torch.float32)     # what is stored is exactly what is written
+            _write(adapter, layer, deltas[layer])
+        diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()), **_info_dict(info)}
+        keys[layer] = K
+    return deltas, diag, keys
 
-def _check_values(tv, reqs: list[EditRequest], layer: int, hook: str, d: int):
-    "Precomputed target values must be for exactly `reqs` (same order), at `layer` and `hook`, shaped (E, d), finite."
-    if not isinstance(tv, TargetValues): raise TypeError(f"values must be a TargetValues, got {type(tv).__name__}")
-    if len(tv) != len(reqs): raise ValueError(f"values holds {len(tv)} target values for {len(reqs)} requests")
-    if (tv.layer, tv.hook) != (layer, hook):
-        raise ValueError(f"values were computed at layer {tv.layer}, hook {tv.hook!r}; this edit needs layer {layer}, "
-                         f"hook {hook!r}")
-    for name in ("delta", "h"):
-        if tuple(getattr(tv, name).shape) != (len(reqs), d):
-            raise ValueError(f"values.{name} has shape {tuple(getattr(tv, name).shape)}, expected {(len(reqs), d)}")
-    ident = lambda r: (r.prompt, r.subject, r.target_new)
-    given = [ident(EditRequest.from_any(r)) for r in tv.requests]
-    if given != [ident(r) for r in reqs]:
-        j = next((j for j, (a, r) in enumerate(zip(given, reqs)) if a != ident(r)), len(given))
-        raise ValueError(f"values do not match the requests (same requests, same order): request {j} is "
-                         f"{ident(reqs[j]) if j < len(reqs) else None}, values hold {given[j] if j < len(given) else None}")
-    if not (torch.isfinite(tv.delta).all() and torch.isfinite(tv.h).all()): raise ValueError("values contain NaN or inf")
-    return tv
+
+def _record(history: EditHistory, model, tok, reqs, hp: HParams, adapter: ModelAdapter, templates, keys: dict):
+    "Add a successful edit's keys to `history`: those it solved with; AlphaEdit's recomputed on the edited model."
+    if hp.method == "alphaedit":
+        keys = {l: compute_keys(model, tok, reqs, l, templates, adapter=adapter, mode=hp.key_mode) for l in hp.layers}
+    for l, K in keys.items(): history.add(l, K)
+
+# %% ../nbs/07_editing.ipynb #e166efae
+def _resolve(model, method: str | None, hparams: HParams | None, overrides: dict) -> tuple[HParams, ModelAdapter]:
+    "The hyper-parameters (given, or `HParams.for_model`, with `overrides`) and the adapter, checked against the model."
+    if hparams is None: hparams = HParams.for_model(model, method or "emmet", **overrides)
+    elif overrides: hparams = hparams.replace(**overrides)
+    if method is not None and method.lower() != hparams.method:
+        raise ValueError(f"method={method!r} but hparams.method={hparams.method!r}")
+    adapter = ModelAdapter.from_model(model, **hparams.module_overrides())
+    bad = [l for l in hparams.layers if not 0 <= l < adapter.n_layers]
+    if bad: raise ValueError(f"layers {bad} out of range: the model has layers 0..{adapter.n_layers - 1}")
+    if hparams.v_loss_layer is not None and hparams.v_loss_layer != adapter.n_layers - 1:
+        raise ValueError(f"v_loss_layer={hparams.v_loss_layer}: only the last layer ({adapter.n_layers - 1}) is supported")
+    return hparams, adapter
 
 
 def edit(model, tok, requests, method: str | None = None, hparams: HParams | None = None, *, stats=None,
          corpus=None, cache_dir=None, templates: ContextTemplates | None = None, values: TargetValues | None = None,
-         history: "EditHistory | None" = None, progress: bool = True, **overrides) -> Edit:
+         history: EditHistory | None = None, progress: bool = True, **overrides) -> Edit:
     """Edit `model` in place with ROME, MEMIT, EMMET, ENCORE or AlphaEdit and return the applied `Edit`.
 
     `requests`: CounterFact-style dicts (`{"prompt": "{} plays", "subject": "LeBron James", "target_new": {"str": "football"}}`)
@@ -306,104 +404,30 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     ENCORE's and AlphaEdit's objectives (`add_prev_edits`), and this edit's keys are added to it once the edit
     succeeded. `overrides` replace hyper-parameter fields. On any error the model (and `history`) are left as they were.
     """
-    t_start = time.perf_counter()
-    if hparams is None: hparams = HParams.for_model(model, method or "emmet", **overrides)
-    elif overrides: hparams = hparams.replace(**overrides)
-    if method is not None and method.lower() != hparams.method:
-        raise ValueError(f"method={method!r} but hparams.method={hparams.method!r}")
-    hp, method = hparams, hparams.method
-    adapter = ModelAdapter.from_model(model, **hp.module_overrides())
-    bad = [l for l in hp.layers if not 0 <= l < adapter.n_layers]
-    if bad: raise ValueError(f"layers {bad} out of range: the model has layers 0..{adapter.n_layers - 1}")
-    if hp.v_loss_layer is not None and hp.v_loss_layer != adapter.n_layers - 1:
-        raise ValueError(f"v_loss_layer={hp.v_loss_layer}: only the last layer ({adapter.n_layers - 1}) is supported")
-    reqs = _check_requests(requests, tok, method, hp.emmet_lambda)
-    hook = _value_hook(hp)
-    times = {}
-    with eval_mode(model):                                 # no dropout anywhere; the caller's mode comes back
-
-        # 1. context templates (every prompt is then checked against the model's positions, before any work)
-        t = time.perf_counter()
-        if templates is None:
-            start = {"start_words": (None,)} if method == "rome" else {}  # upstream ROME samples from BOS, MEMIT from words
-            templates = ContextTemplates.generate(model, tok, hp.context_template_length_params, seed=hp.seed, **start)
-        templates = ContextTemplates.coerce(templates)
-        fitting_value_prompts(model, tok, reqs, templates)
-        times["templates"] = time.perf_counter() - t
-
-        # 2. statistics
-        t = time.perf_counter()
-        if not hp.mom2_adjustment:
-            C0 = {l: torch.eye(adapter.d_in(l), dtype=torch.float64) for l in hp.layers}
-        else:
-            if stats is None:
-                stats = collect_key_stats(model, tok, hp.layers, corpus, n_tokens=hp.mom2_n_tokens,
-                                          max_length=hp.mom2_max_length, cache=cache_dir, adapter=adapter,
-                                          precision=hp.mom2_dtype, progress=progress, seed=hp.seed)
-            C0 = _check_stats(stats, adapter, hp.layers)
-        times["stats"] = time.perf_counter() - t
-
-        # 3. target values at the last edited layer
-        L = hp.layers[-1]
-        hook_name = adapter.name("layer" if hook == "layer" else "rewrite", L)
-        t = time.perf_counter()
-        if values is not None: tv = _check_values(values, reqs, L, hook, adapter.d_out(L))
-        else:
-            tv = compute_target_values(model, tok, reqs, L, templates, adapter=adapter, v_lr=hp.v_lr,
-                                       v_num_grad_steps=hp.v_num_grad_steps, clamp_norm_factor=hp.clamp_norm_factor,
-                                       kl_factor=hp.kl_factor, v_weight_decay=hp.v_weight_decay, hook=hook,
-                                       batch_size=hp.v_batch_size, precision=hp.v_precision,
-                                       prob_cutoff=hp.prob_cutoff, progress=progress)
-        times["values"] = time.perf_counter() - t
-        Z = tv.z.to(torch.float64)                                                      # (E, d_model)
-
-        # 4. layer by layer: keys, residual, closed-form update, write
-        originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
-        deltas, layer_diag, used_keys, scratch = {}, {}, {}, EditHistory()
-        times.update(keys=0.0, solve=0.0, write=0.0)
-        try:
-            for i, layer in enumerate(hp.layers):
-                t = time.perf_counter()
-                K = compute_keys(model, tok, reqs, layer, templates, adapter=adapter, mode=hp.key_mode).to(torch.float64)
-                if i == 0 and len(hp.layers) == 1: H = tv.h.to(torch.float64)           # (E, d): nothing edited yet
-                else:
-                    H = subject_activations(model, tok, reqs, hook_name, ContextTemplates.bare(),
-                                            which="output")[:, 0].to(torch.float64)   # (E, d) on the edited model
-                times["keys"] += time.perf_counter() - t
-                R = ((Z.to(H.device) - H) / (len(hp.layers) - i)).T                     # (d_out, E)
-                t = time.perf_counter()
-                delta, info = _solve(hp, C0[layer].to(K.device), K, R.to(K.device),
-                                     prev_gram=history.gram(layer) if history is not None and hp.add_prev_edits else None,
-                                     nullspace=(scratch if history is None else history).nullspace(layer, C0[layer], hp)
-                                               if method == "alphaedit" else None,
-                                     k_bare=compute_keys(model, tok, reqs, layer, adapter=adapter, mode="bare")[:, 0]
-                                            if method == "rome" and hp.rome_keys != "emmet" else None,
-                                     W=adapter.read_weight(layer) if method == "rome" and hp.rome_keys == "r-rome" else None)
-                times["solve"] += time.perf_counter() - t
-                if not torch.isfinite(delta).all():
-                    raise FloatingPointError(f"the update for layer {layer} contains NaN or inf (cond(KᵀC⁻¹K) = "
-                                             f"{_info_dict(info).get('cond', 'n/a')}); nothing was written")
-                t = time.perf_counter()
-                deltas[layer] = delta.detach().to("cpu", torch.float32)     # what is stored is exactly what is written
-                _write(adapter, layer, deltas[layer])
-                times["write"] += time.perf_counter() - t
-                layer_diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()),
-                                     **_info_dict(info)}
-                used_keys[layer] = K
-            if history is not None:                                  # the keys this edit wrote, for later edits
-                if method == "alphaedit":                          # upstream AlphaEdit: recomputed after the edit
-                    used_keys = {l: compute_keys(model, tok, reqs, l, templates, adapter=adapter, mode=hp.key_mode)
-                                 for l in hp.layers}
-                for l, K in used_keys.items(): history.add(l, K)
-        except BaseException:
-            for name, w in originals.items(): set_parameter_value(model, name, w)
-            raise
-    times["total"] = time.perf_counter() - t_start
-    diag = {"layers": {str(l): v for l, v in layer_diag.items()}, "times": times, "value_hook": hook,
-            "z_loss_init": tv.loss_init.tolist(), "z_loss_final": tv.loss_final.tolist(),
+    timer = Timer()
+    with timer("total"):
+        hp, adapter = _resolve(model, method, hparams, overrides)
+        reqs = _check_requests(requests, tok, hp.method, hp.emmet_lambda)
+        hook = _value_hook(hp)
+        with eval_mode(model):                                 # no dropout anywhere; the caller's mode comes back
+            with timer("templates"):
+                templates = ContextTemplates.coerce(templates if templates is not None
+                                                    else hp.key_config.templates(model, tok))
+                fitting_value_prompts(model, tok, reqs, templates)
+            with timer("stats"): C0 = _preservation(model, tok, hp, adapter, stats, corpus, cache_dir, progress)
+            with timer("values"): tv = _target_values(model, tok, reqs, hp, adapter, templates, hook, values, progress)
+            originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
+            try:
+                deltas, diag, keys = _edit_layers(model, tok, reqs, hp, adapter, templates, C0, tv, hook, history, timer)
+                if history is not None: _record(history, model, tok, reqs, hp, adapter, templates, keys)
+            except BaseException:
+                for name, w in originals.items(): set_parameter_value(model, name, w)
+                raise
+    diag = {"layers": {str(l): v for l, v in diag.items()}, "times": dict(timer.times),
+            "value_hook": hook, "z_loss_init": tv.loss_init.tolist(), "z_loss_final": tv.loss_final.tolist(),
             "z_steps": [int(s) for s in tv.n_steps], "n_templates": len(templates),
             "values_precomputed": values is not None}
-    return Edit(method=method, deltas=deltas, module_names={l: adapter.name("rewrite", l) for l in hp.layers},
+    return Edit(method=hp.method, deltas=deltas, module_names={l: adapter.name("rewrite", l) for l in hp.layers},
                 requests=[r.to_dict() for r in reqs], hparams={**hp.to_dict(), **adapter_names(adapter)},
                 diagnostics=diag, model=model, values=tv, _originals=originals)
 

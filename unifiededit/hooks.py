@@ -29,14 +29,14 @@ def replace_main(output, new: torch.Tensor):
 class StopForward(Exception):
     "Raised by a `Trace` hook to end a forward pass early; caught by `Trace.__exit__`."
 
-
+# %% ../nbs/02_hooks.ipynb #6913f3ef
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
     if args and isinstance(args[0], torch.Tensor): return args[0]
     for key in ("hidden_states", "input", "x"):
         if isinstance(kwargs.get(key), torch.Tensor): return kwargs[key]
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
-
+# %% ../nbs/02_hooks.ipynb #3b44d7c0
 class Trace:
     """Read inputs/outputs of named modules, edit outputs, or stop the forward pass early.
 

@@ -8,16 +8,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .models import PRECISIONS, ModelAdapter
-from .store import check_choice, check_int, check_real
+from .keys import MEMIT_START_WORDS, KeyConfig
+from .models import ModelAdapter
+from .stats import StatsConfig
+from .store import check_bool, check_choice, check_int, check_real
+from .values import ValueConfig
 
 # %% auto #0
-__all__ = ['METHODS', 'BOOKKEEPING_FIELDS', 'NOOP_FIELDS', 'UNUSED_FIELDS', 'ALPHAEDIT_RELATIVE_THRESHOLD', 'ALPHAEDIT_L2',
-           'LAYER_FRACTION', 'HParams']
+__all__ = ['METHODS', 'BOOKKEEPING_FIELDS', 'NOOP_FIELDS', 'UNUSED_FIELDS', 'VALUE_FIELDS', 'STATS_FIELDS', 'KEY_FIELDS',
+           'ALPHAEDIT_RELATIVE_THRESHOLD', 'ALPHAEDIT_L2', 'LAYER_FRACTION', 'HParams']
 
 # %% ../nbs/06_hparams.ipynb #2642df9a
 METHODS = ("rome", "memit", "emmet", "alphaedit", "encore")
@@ -44,17 +48,33 @@ def _layers(layers) -> list[int]:
     if len(set(out)) != len(out): raise ValueError(f"layers {out} has duplicates")
     return out
 
+# %% ../nbs/06_hparams.ipynb #c7c7d277
+# HParams field -> the stage configuration field it sets
+VALUE_FIELDS = {"v_lr": "v_lr", "v_num_grad_steps": "v_num_grad_steps", "clamp_norm_factor": "clamp_norm_factor",
+                "kl_factor": "kl_factor", "v_weight_decay": "v_weight_decay", "prob_cutoff": "prob_cutoff",
+                "v_precision": "precision"}
+STATS_FIELDS = {"mom2_n_tokens": "n_tokens", "mom2_max_length": "max_length", "mom2_dtype": "precision", "seed": "seed"}
+KEY_FIELDS = {"key_mode": "mode", "context_template_length_params": "length_params", "seed": "seed"}
 
+
+def _stage_config(hp, cls, names: dict, **extra):
+    "`cls` built from `hp`'s fields `names`; an error in it is re-raised naming the HParams field."
+    try: return cls(**{c: getattr(hp, h) for h, c in names.items()}, **extra)
+    except (TypeError, ValueError) as e:
+        fields_ = [h for h, c in names.items() if re.search(rf"\b{c}\b", str(e))] or list(names)
+        raise type(e)(f"HParams.{' / '.join(fields_)}: {e}") from None
+
+# %% ../nbs/06_hparams.ipynb #cdc21e9c
 @dataclass
 class HParams:
-    "Hyper-parameters of a ROME / MEMIT / EMMET edit, with the upstream field names."
+    "Hyper-parameters of a ROME / MEMIT / EMMET / AlphaEdit / ENCORE edit, with the upstream field names."
     method: str = "emmet"
     layers: list[int] = field(default_factory=lambda: [5])
-    # keys
+    # keys (KeyConfig)
     fact_token: str = "subject_last"
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     key_mode: str = "memit"
-    # values
+    # values (ValueConfig, and how they are computed)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     v_loss_layer: int | None = None
@@ -64,7 +84,7 @@ class HParams:
     v_batch_size: int | None = None
     v_precision: str = "float32"
     value_hook: str = "auto"
-    # statistics
+    # statistics (StatsConfig)
     mom2_adjustment: bool = True
     mom2_dataset: str = "wikitext"
     mom2_n_tokens: int | str | None = "auto"
@@ -98,40 +118,33 @@ class HParams:
             raise ValueError(f"ROME edits one layer, got layers={self.layers}; use method='memit' or 'emmet' to spread an edit")
         if self.fact_token != "subject_last":
             raise ValueError(f"fact_token={self.fact_token!r} is not supported; use 'subject_last'")
-        check_choice("key_mode", self.key_mode, ("memit", "mean", "bare"))
+        self.value_config, self.stats_config, self.key_config      # each stage checks its own fields
         check_choice("value_hook", self.value_hook, ("auto", "layer", "rewrite"))
-        check_choice("v_precision", self.v_precision, PRECISIONS)
-        check_choice("mom2_dtype", self.mom2_dtype, PRECISIONS)
-        for name in ("v_num_grad_steps", "seed"):
-            check_int(name, getattr(self, name), low=0 if name == "seed" else 1)
         if self.v_batch_size is not None: check_int("v_batch_size", self.v_batch_size, low=1)
         if self.v_loss_layer is not None: check_int("v_loss_layer", self.v_loss_layer, low=0)
-        for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
-            check_real(name, getattr(self, name), positive=True)
-        for name in ("v_weight_decay", "kl_factor", "emmet_lambda"):
-            check_real(name, getattr(self, name), nonnegative=True)
-        if not isinstance(self.mom2_adjustment, bool):
-            raise TypeError(f"mom2_adjustment must be True or False, got {self.mom2_adjustment!r}")
+        check_real("mom2_update_weight", self.mom2_update_weight, positive=True)
+        check_real("emmet_lambda", self.emmet_lambda, nonnegative=True)
+        check_bool("mom2_adjustment", self.mom2_adjustment)
         check_real("update_norm_lambda", self.update_norm_lambda, nonnegative=True)
         check_real("L2", self.L2, positive=True)
         check_choice("rome_keys", self.rome_keys, ("emmet", "original", "r-rome", "p-rome"))
-        if not isinstance(self.add_prev_edits, bool):
-            raise TypeError(f"add_prev_edits must be True or False, got {self.add_prev_edits!r}")
-        if self.prob_cutoff is not None: check_real("prob_cutoff", self.prob_cutoff)
+        check_bool("add_prev_edits", self.add_prev_edits)
         for name in ("nullspace_threshold", "nullspace_relative"):
             if getattr(self, name) is not None: check_real(name, getattr(self, name), positive=True)
         if self.method == "alphaedit" and (self.nullspace_threshold is None) == (self.nullspace_relative is None):
             raise ValueError("AlphaEdit needs exactly one of nullspace_threshold (absolute, upstream) and "
                              f"nullspace_relative, got {self.nullspace_threshold!r} and {self.nullspace_relative!r}")
-        if self.mom2_n_tokens is not None and self.mom2_n_tokens not in ("min", "auto"):
-            check_int("mom2_n_tokens", self.mom2_n_tokens, low=1)
-        if self.mom2_max_length is not None: check_int("mom2_max_length", self.mom2_max_length, low=1)
-        params = self.context_template_length_params
-        if not (isinstance(params, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in params)):
-            raise ValueError(f"context_template_length_params must be a list of [length, count] pairs, got {params!r}")
-        for length, count in params:
-            check_int("context_template_length_params length", length, low=1)
-            check_int("context_template_length_params count", count, low=1)
+
+    @property
+    def value_config(self) -> ValueConfig: return _stage_config(self, ValueConfig, VALUE_FIELDS)
+
+    @property
+    def stats_config(self) -> StatsConfig: return _stage_config(self, StatsConfig, STATS_FIELDS)
+
+    @property
+    def key_config(self) -> KeyConfig:
+        "ROME samples its templates from the BOS token (upstream), the others from MEMIT's five start words."
+        return _stage_config(self, KeyConfig, KEY_FIELDS, start_words=(None,) if self.method == "rome" else MEMIT_START_WORDS)
 
     def module_overrides(self) -> dict:
         "The module-name fields that are set, as `ModelAdapter.from_model` keyword arguments."

@@ -13,11 +13,12 @@ import torch
 
 from .hooks import Trace
 from .models import ModelAdapter, eval_mode, execution_device, max_positions
+from .store import Config, check_choice, check_int
 
 # %% auto #0
 __all__ = ['MEMIT_START_WORDS', 'MEMIT_LENGTH_PARAMS', 'ROME_LENGTH_PARAMS', 'KEY_MODES', 'EditRequest', 'fill', 'target_text',
-           'subject_last_token', 'encode_with_subject', 'pad_id', 'check_fits', 'pad_right', 'ContextTemplates',
-           'subject_activations', 'template_weights', 'compute_keys']
+           'as_requests', 'subject_last_token', 'encode_with_subject', 'pad_id', 'check_fits', 'pad_right',
+           'ContextTemplates', 'subject_activations', 'template_weights', 'compute_keys', 'KeyConfig']
 
 # %% ../nbs/04_keys.ipynb #5ade9cc1
 def _target_str(x: Any, field: str) -> str | None:
@@ -104,7 +105,7 @@ class EditRequest:
         subject_last_token(tok, self.text, self.subject_span)
         return self
 
-
+# %% ../nbs/04_keys.ipynb #af7f041e
 def fill(request: EditRequest, template: str = "{}") -> tuple[str, tuple[int, int]]:
     """Put the request's prompt into a context `template` (one `{}`), then the subject into the prompt.
     Returns the text and the subject's character span [start, end), leading/trailing whitespace excluded.
@@ -133,6 +134,22 @@ def target_text(request: EditRequest, prompt_text: str | None = None) -> str:
     t = request.target_new
     prompt_text = request.text if prompt_text is None else prompt_text
     return t if t[:1].isspace() or prompt_text[-1:].isspace() else " " + t
+
+# %% ../nbs/04_keys.ipynb #38367f60
+def as_requests(requests) -> list[EditRequest]:
+    """A non-empty list of `EditRequest`s from one request or a list of them (dicts in CounterFact's form, or
+    `EditRequest`s).
+
+    >>> [r.subject for r in as_requests({'prompt': '{} is in', 'subject': 'Paris', 'target_new': 'Rome'})]
+    ['Paris']
+    """
+    if isinstance(requests, (dict, EditRequest)): requests = [requests]
+    if not isinstance(requests, (list, tuple)):
+        raise TypeError(f"requests must be a request (a dict like {{'prompt': '{{}} is in', 'subject': ..., 'target_new': "
+                        f"{{'str': ...}}}} or an EditRequest) or a list of them, got {type(requests).__name__}: {requests!r}")
+    reqs = [EditRequest.from_any(r) for r in requests]
+    if not reqs: raise ValueError("no edit requests given")
+    return reqs
 
 # %% ../nbs/04_keys.ipynb #dee84fbb
 def subject_last_token(tok, text: str, span: tuple[int, int]) -> int:
@@ -322,8 +339,7 @@ def subject_activations(model, tok, requests: Sequence, module: str, templates=N
     """
     if which not in ("input", "output"): raise ValueError(f"which must be 'input' or 'output', got {which!r}")
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    reqs = [EditRequest.from_any(r) for r in requests]
-    if not reqs: raise ValueError("no edit requests given")
+    reqs = as_requests(requests)
     flat = ContextTemplates.coerce(templates).flat
     filled = [fill(r, t) for r in reqs for t in flat]
     ids, pos = encode_with_subject(tok, [f[0] for f in filled], [f[1] for f in filled])
@@ -377,3 +393,34 @@ def compute_keys(model, tok, requests: Sequence, layer: int, templates=None, *, 
     dtype = torch.promote_types(acts.dtype, torch.float32)
     w = template_weights(tmpl, "mean" if mode == "bare" else mode).to(acts.device, dtype)   # (n_t,)
     return torch.einsum("etd,t->de", acts.to(dtype), w)                               # (d_in, E)
+
+# %% ../nbs/04_keys.ipynb #4263bab7
+def _length_params(params) -> tuple[tuple[int, int], ...]:
+    "[[length, count], ...] as a tuple of int pairs, or an error naming the bad entry."
+    if not (isinstance(params, (list, tuple)) and params
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in params)):
+        raise ValueError(f"length_params must be a non-empty list of [length, count] pairs, got {params!r}")
+    return tuple((check_int("length_params length", l, low=1), check_int("length_params count", n, low=1)) for l, n in params)
+
+
+@dataclass(frozen=True)
+class KeyConfig(Config):
+    """How keys are averaged and which context templates are sampled (seeded) for keys and values.
+
+    >>> KeyConfig(length_params=[[5, 10]]).length_params
+    ((5, 10),)
+    """
+    mode: str = "memit"                                           # see compute_keys
+    length_params: tuple = MEMIT_LENGTH_PARAMS                    # (tokens, count) of each group of templates
+    start_words: tuple = MEMIT_START_WORDS                        # None = start from the BOS token (ROME)
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("key mode", self.mode, KEY_MODES)
+        object.__setattr__(self, "length_params", _length_params(self.length_params))
+        object.__setattr__(self, "start_words", tuple(self.start_words))
+        check_int("seed", self.seed, low=0)
+
+    def templates(self, model, tok) -> ContextTemplates:
+        "The context templates these settings sample from `model`."
+        return ContextTemplates.generate(model, tok, self.length_params, start_words=self.start_words, seed=self.seed)

@@ -34,7 +34,7 @@ def join_target(prompt: str, target: str) -> str:
     sep = "" if (not target or target[0].isspace() or not prompt or prompt[-1].isspace()) else " "
     return prompt + sep + target
 
-
+# %% ../nbs/10_metrics.ipynb #27ce1c51
 def leading_special_ids(tok) -> list[int]:
     "The special tokens the tokenizer puts before any text (e.g. `[BOS]` for Llama, `[]` for GPT-2)."
     with_, without = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
@@ -83,7 +83,7 @@ class TargetScore:
         "Fraction of target tokens that are the argmax under teacher forcing (NaN if any logit was not finite)."
         return float(np.mean(self.token_correct)) if self.finite else float("nan")
 
-
+# %% ../nbs/10_metrics.ipynb #b44ad6ec
 def _model_device(model) -> torch.device:
     return execution_device(model)
 
@@ -188,7 +188,7 @@ def word_tokenize(text: str) -> list[str]:
         out += sent.split()
     return out
 
-
+# %% ../nbs/10_metrics.ipynb #4304d7d1
 def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3),
                   tokenize: Callable[[str], list[str]] | None = None) -> float:
     "Mean over n of weight_n * (entropy in bits of the text's word n-gram distribution)."
@@ -211,7 +211,7 @@ def generation_entropy(texts: Sequence[str], **kw) -> float:
 def _record_seed(seed: int, case_id) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:8], "little")
 
-
+# %% ../nbs/10_metrics.ipynb #a1310804
 @dataclass(frozen=True)
 class Generation:
     "One sampled continuation: the decoded text (prompt included), its token ids, and whether all logits were finite."
@@ -220,7 +220,7 @@ class Generation:
     n_prompt_tokens: int
     finite: bool
 
-
+# %% ../nbs/10_metrics.ipynb #42ffb983
 @torch.no_grad()
 def sample_generations(model, tok, prompts: Sequence[str], *, max_out_len: int = 100, top_k: int = 5,
                        seed: int = 0) -> list[Generation]:
@@ -293,7 +293,7 @@ def token_accuracy(scores: Sequence[TargetScore]) -> float:
     if not all(s.finite for s in scores): return float("nan")
     return float(np.mean([c for s in scores for c in s.token_correct]))
 
-
+# %% ../nbs/10_metrics.ipynb #d00d65b7
 def prediction_agreement(post: TargetScore, pre: TargetScore) -> float:
     "EasyEdit's locality: fraction of target positions where post- and pre-edit argmax predictions agree."
     if post.target_ids != pre.target_ids:
@@ -316,7 +316,7 @@ METRICS = {  # name: (abbreviation, suite)
 SUITES = ("counterfact", "zsre", "easyedit")
 DEFAULT_SUITES = {"counterfact": ("counterfact",), "easyedit": ("counterfact", "easyedit"), "zsre": ("zsre",)}
 
-
+# %% ../nbs/10_metrics.ipynb #fe6db6c0
 def _pairs_for(r: EditRecord, suite: str) -> list[tuple[str, str]]:
     "Every (prompt, target) pair that `suite` scores for record `r`."
     rw, para = [r.rewrite_prompt], list(r.paraphrase_prompts)
@@ -348,7 +348,7 @@ def _counterfact_metrics(r: EditRecord, S: dict) -> tuple[dict, dict]:
         vals["neighborhood_score"], vals["neighborhood_magnitude"] = prob_success(keep, new), prob_magnitude(keep, new)
     return vals, why
 
-
+# %% ../nbs/10_metrics.ipynb #1ed5ff43
 def _zsre_metrics(r: EditRecord, S: dict) -> tuple[dict, dict]:
     vals, why = {}, {}
     groups = {"zsre_efficacy": [(r.rewrite_prompt, r.target_new)],
@@ -359,7 +359,7 @@ def _zsre_metrics(r: EditRecord, S: dict) -> tuple[dict, dict]:
         else: why[k] = f"the record has no prompts for {k}"
     return vals, why
 
-
+# %% ../nbs/10_metrics.ipynb #fbd4f7d4
 def _easyedit_metrics(r: EditRecord, S: dict, ref: dict | None) -> tuple[dict, dict]:
     vals, why = {}, {}
     for k, ps in (("easyedit_rewrite_acc", [(r.rewrite_prompt, r.target_new)]),
@@ -401,7 +401,7 @@ def student_t_cdf(t: float, df: float) -> float:
     tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
     return 1.0 - tail if t > 0 else tail
 
-
+# %% ../nbs/10_metrics.ipynb #0c9e49f9
 def student_t_quantile(q: float, df: float) -> float:
     "The q-quantile of Student's t with `df` degrees of freedom (bisection on the CDF, to ~1e-12)."
     if not 0 < q < 1: raise ValueError(f"q must be in (0, 1), got {q}")
@@ -414,7 +414,7 @@ def student_t_quantile(q: float, df: float) -> float:
         if hi - lo < 1e-13 * max(1.0, hi): break
     return (lo + hi) / 2
 
-
+# %% ../nbs/10_metrics.ipynb #542e0cc0
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     "(mean, half-width of the Student-t `level` CI); the half-width is NaN for fewer than 2 values."
     x = np.asarray(values, dtype=np.float64)
@@ -431,7 +431,7 @@ def _jsonable(v):
     if isinstance(v, (list, tuple)): return [_jsonable(x) for x in v]
     return v
 
-
+# %% ../nbs/10_metrics.ipynb #538ca812
 @dataclass
 class EvalRun:
     """Metrics of one model state on a list of records.
@@ -495,7 +495,7 @@ class EvalRun:
         if path is not None: Path(path).write_text(s)
         return s
 
-
+# %% ../nbs/10_metrics.ipynb #20945f0f
 @dataclass
 class EditEvaluation:
     "The pre-edit and post-edit runs of the same records, side by side."

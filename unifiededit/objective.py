@@ -12,14 +12,15 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['Preservation', 'UpdateInfo', 'rome_update', 'update_flops', 'memit_update', 'emmet_update']
+__all__ = ['Preservation', 'toy_problem', 'UpdateInfo', 'rome_update', 'sym_symmetric', 'sym_matrix', 'gradient', 'update_flops',
+           'memit_update', 'Exact', 'exact_problem', 'emmet_update']
 
 # %% ../nbs/00_objective.ipynb #61593a69
 def _compute_device(device: torch.device) -> torch.device:
     "Where float64 linear algebra can run: the tensor's own device, except Apple MPS (no float64), which maps to CPU."
     return torch.device("cpu") if device.type == "mps" else device
 
-
+# %% ../nbs/00_objective.ipynb #106fbc68
 def _check_tensor(x, name: str) -> Tensor:
     "Refuse non-tensors, non-float dtypes and non-finite values, naming the argument."
     if not isinstance(x, Tensor):
@@ -125,6 +126,19 @@ class Preservation:
     def __repr__(self) -> str:
         return f"Preservation(d_in={self.d_in}, device={self.device}, trace={float(self._C.trace()):.4g})"
 
+# %% ../nbs/00_objective.ipynb #e876d693
+def toy_problem(d_in=6, d_out=4, E=3, n_tokens=None, seed=0):
+    "C0 from n_tokens correlated, uncentered keys; E edit keys from the same distribution; random residuals R."
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    n_tokens = n_tokens or 8 * d_in
+    mix = torch.randn(d_in, d_in, **f64) * torch.logspace(0, -1, d_in, dtype=torch.float64) / math.sqrt(d_in)
+    mean = 0.5 * torch.randn(d_in, 1, **f64) / math.sqrt(d_in)
+    K0 = mix @ torch.randn(d_in, n_tokens, **f64) + mean               # (d_in, N)
+    K = mix @ torch.randn(d_in, E, **f64) + mean                        # (d_in, E)
+    R = torch.randn(d_out, E, **f64)                                    # (d_out, E)
+    return K0 @ K0.T / n_tokens, K, R
+
 # %% ../nbs/00_objective.ipynb #fc082251
 @dataclass(frozen=True)
 class UpdateInfo:
@@ -139,7 +153,7 @@ class UpdateInfo:
     preservation_cost: float    # tr(Δ C Δᵀ), with C as passed (already weighted)
     flops: float                # estimated floating-point operations of the route taken
 
-
+# %% ../nbs/00_objective.ipynb #2c05fdb6
 def _prepare(C, K: Tensor, R: Tensor, names=("K", "R")):
     "Validate (C, K, R) and bring them to float64 on R's device. Returns (Preservation, K64, R64)."
     nk, nr = names
@@ -166,7 +180,7 @@ def _prepare(C, K: Tensor, R: Tensor, names=("K", "R")):
                          f"got {tuple(R.shape)}{hint}")
     return P, K.detach().to(device, torch.float64), R.detach().to(device, torch.float64)
 
-
+# %% ../nbs/00_objective.ipynb #cd8b0d2d
 def _info(method: str, route: str, P: Preservation, K: Tensor, R: Tensor, delta: Tensor, ridge: float,
           flops: float) -> UpdateInfo:
     "Diagnostics of a float64 solve; reads delta, never modifies it."
@@ -184,7 +198,7 @@ def _info(method: str, route: str, P: Preservation, K: Tensor, R: Tensor, delta:
                       delta_norm=float(torch.linalg.matrix_norm(delta)), preservation_cost=P.cost(delta),
                       flops=float(flops))
 
-
+# %% ../nbs/00_objective.ipynb #c27d65e0
 def _finish(delta: Tensor, R: Tensor, info: UpdateInfo | None, return_info: bool):
     "Return delta in R's dtype and on R's device (and the info if asked)."
     out = delta.to(device=R.device, dtype=R.dtype)
@@ -217,6 +231,21 @@ def rome_update(C: Tensor | Preservation, k: Tensor, r: Tensor, *, return_info: 
         info = _info("rome", "dual", P, k64, r64, delta, 0.0, 2 * d * d + 2 * d + 2 * m * d)
     return _finish(delta, r, info, return_info)
 
+# %% ../nbs/00_objective.ipynb #bcf47345
+def sym_symmetric(n, name):
+    "An n×n symmetric matrix of independent symbols c11, c12, ... (c21 is c12)."
+    import sympy as sp                 # sympy (a test requirement) is needed only by the derivations
+    return sp.Matrix(n, n, lambda i, j: sp.Symbol(f"{name}{min(i, j) + 1}{max(i, j) + 1}"))
+
+def sym_matrix(rows, cols, name):
+    import sympy as sp
+    return sp.Matrix(rows, cols, lambda i, j: sp.Symbol(f"{name}{i + 1}{j + 1}"))
+
+def gradient(f, X):
+    "∂f/∂X entrywise: the matrix of partial derivatives of the scalar f with respect to the symbols of X."
+    import sympy as sp
+    return X.applyfunc(lambda x: sp.diff(f, x))
+
 # %% ../nbs/00_objective.ipynb #9aebe4e5
 def update_flops(d_in: int, n_edits: int, d_out: int) -> dict[str, float]:
     """Estimated floating-point operations of the 'primal' ((d_in, d_in) system) and 'dual' ((E, E) system) routes,
@@ -230,7 +259,7 @@ def update_flops(d_in: int, n_edits: int, d_out: int) -> dict[str, float]:
     dual = E * n**2 + 2 * E**2 * n + E**3 / 3 + 2 * E**2 * m + 2 * n * E * m + n**2 * min(E, m)
     return {"primal": primal, "dual": dual}
 
-
+# %% ../nbs/00_objective.ipynb #59426cf3
 def _pick_route(route: str, d_in: int, E: int, d_out: int, allowed: tuple[str, ...]) -> tuple[str, float]:
     "Resolve route='auto' to the cheaper allowed route; validate an explicit choice. Returns (route, flops)."
     flops = update_flops(d_in, E, d_out)
@@ -243,7 +272,7 @@ def _pick_route(route: str, d_in: int, E: int, d_out: int, allowed: tuple[str, .
                          f"(emmet_lambda = 0) have no (d_in, d_in) form; use route='dual' or 'auto'")
     return route, flops[route]
 
-
+# %% ../nbs/00_objective.ipynb #36dbf378
 _SINGULAR_PIVOT_RTOL = 1e-12  # a Cholesky pivot of KᵀC⁻¹K below this fraction of the largest: numerically singular
 
 
@@ -252,7 +281,7 @@ def _pivot_ratio(LS: Tensor) -> float:
     piv = LS.diagonal().square()
     return float(piv.max() / piv.min()) if piv.min() > 0 else math.inf
 
-
+# %% ../nbs/00_objective.ipynb #c37a3933
 def _singular_gram_error(S: Tensor, d_in: int) -> ValueError:
     "Explain a singular KᵀC⁻¹K, naming the edits whose keys coincide when there are any."
     E, dg = S.shape[0], S.diagonal()
@@ -274,7 +303,7 @@ def _tiny_ridge_error(mu: float, system: str) -> ValueError:
         f"the keys. Increase the preservation weight (mom2_update_weight for MEMIT, emmet_lambda for EMMET), or "
         f"use route='dual' when E < d_in.")
 
-
+# %% ../nbs/00_objective.ipynb #4c1d63a4
 def _solve_ridge(P: Preservation, K: Tensor, R: Tensor, mu: float, route: str) -> Tensor:
     "Δ = R (KᵀC⁻¹K + μI)⁻¹ KᵀC⁻¹ (dual) = R Kᵀ (μC + K Kᵀ)⁻¹ (primal, μ > 0); float64 in and out."
     if route == "primal":
@@ -312,6 +341,39 @@ def memit_update(C: Tensor | Preservation, K: Tensor, R: Tensor, *, route: str =
     delta = _solve_ridge(P, K64, R64, 1.0, route)
     info = _info("memit", route, P, K64, R64, delta, 1.0, flops) if return_info else None
     return _finish(delta, R, info, return_info)
+
+# %% ../nbs/00_objective.ipynb #04d04961
+class Exact:
+    "An exact symbolic matrix N/d: N a DomainMatrix of polynomials, d a single polynomial; no cancellation."
+    def __init__(self, N, d): self.N, self.d = N, d
+
+    @classmethod
+    def of(cls, M, ring):
+        "Lift a sympy Matrix whose entries are polynomials in the ring's symbols."
+        import sympy as sp
+        from sympy.polys.matrices import DomainMatrix
+        return cls(DomainMatrix.from_Matrix(sp.Matrix(M)).convert_to(ring), ring.one)
+
+    def __matmul__(self, o): return Exact(self.N * o.N, self.d * o.d)
+    def __add__(self, o): return Exact(self.N + o.N, self.d) if self.d == o.d else Exact(self.N * o.d + o.N * self.d, self.d * o.d)
+    def __neg__(self): return Exact(-self.N, self.d)
+    def __sub__(self, o): return self + (-o)
+    def scale(self, p): return Exact(self.N * p, self.d)       # multiply by a polynomial p
+    @property
+    def T(self): return Exact(self.N.transpose(), self.d)
+    def inv(self):                                             # (N/d)⁻¹ = d·N⁻¹ = d·adj/det
+        Ninv, den = self.N.inv_den()
+        return Exact(Ninv * self.d, den)
+    def is_zero(self): return self.N.is_zero_matrix
+
+# %% ../nbs/00_objective.ipynb #b9f27ab8
+def exact_problem(d_in=3, d_out=2, E=2):
+    "Symbolic C (symmetric), K, R, the scalar symbol α, and the exact engine's ring and helpers."
+    import sympy as sp
+    Cs, Ks, Rs, a = sym_symmetric(d_in, "c"), sym_matrix(d_in, E, "k"), sym_matrix(d_out, E, "r"), sp.Symbol("alpha")
+    ring = sp.ZZ[tuple(sorted(Cs.free_symbols | Ks.free_symbols | Rs.free_symbols, key=str)) + (a,)]
+    X = lambda M: Exact.of(M, ring)
+    return X(Cs), X(Ks), X(Rs), ring.from_sympy(a), X, (Cs, Ks, Rs)
 
 # %% ../nbs/00_objective.ipynb #7f1c3056
 def emmet_update(C: Tensor | Preservation, K: Tensor, R: Tensor, emmet_lambda: float = 0.0, *,

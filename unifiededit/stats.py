@@ -23,14 +23,14 @@ from tqdm import tqdm
 from .hooks import StopForward, Trace, _first_tensor
 from .models import (PRECISIONS, ModelAdapter, cache_kwarg, eval_mode, execution_device, forward_precision,
                                 max_positions, output_cache)
-from .store import (CorruptFile, TensorCache, check_choice, digest, load_tensors, model_fingerprint,
-                               model_id, tokenizer_fingerprint)
+from .store import (Config, CorruptFile, TensorCache, check_bool, check_choice, check_int, check_real,
+                               digest, load_tensors, model_fingerprint, model_id, tokenizer_fingerprint)
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'AUTO_CORPUS_TOKENS', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus',
            'special_prefix', 'token_batches', 'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper',
            'symmetrize_upper', 'KeyStatsCollector', 'StatsCache', 'sample_categorical', 'model_sampled_corpus',
-           'default_corpus', 'resolve_n_tokens', 'collect_key_stats']
+           'default_corpus', 'resolve_n_tokens', 'StatsConfig', 'collect_key_stats']
 
 # %% ../nbs/03_stats.ipynb #4ec5437b
 class Corpus:
@@ -607,82 +607,123 @@ def resolve_n_tokens(n_tokens, d_in: int, min_factor: float = 10, sampled: bool 
         raise ValueError(f"n_tokens must be a positive int, None, 'min' or 'auto', got {n_tokens!r}")
     return n_tokens
 
+# %% ../nbs/03_stats.ipynb #3739ab24
+@dataclass(frozen=True)
+class StatsConfig(Config):
+    """How C0 is estimated (besides the model, the corpus and the layers).
 
-def collect_key_stats(model, tok, layers, corpus=None, *, n_tokens: int | str | None = "auto", min_factor: float = 10,
-                      max_length: int | None = None, batch_size: int = 8, pack: bool = True,
+    >>> StatsConfig(n_tokens='min').budget(d_in=1536, sampled=False)
+    15360
+    """
+    n_tokens: int | str | None = "auto"  # an int, None (the whole corpus), 'min' or 'auto' (see resolve_n_tokens)
+    min_factor: float = 10               # 'min' = ceil(min_factor · d_in) tokens
+    max_length: int | None = None        # tokens per row; None: min(512, the model's context)
+    batch_size: int = 8                  # rows per forward pass
+    pack: bool = True                    # documents packed into full rows (False: one document per padded row)
+    precision: str = "float32"           # of the forward passes: 'float32', 'tf32' or 'bfloat16'
+    matmul_dtype: str = "float32"        # of the k kᵀ products: 'float32' or 'float64' (a torch dtype is accepted)
+    allow_tf32: bool = False             # TF32 in the products (CUDA)
+    seed: int = 0                        # of the model-sampled default corpus
+
+    def __post_init__(self):
+        if isinstance(self.matmul_dtype, torch.dtype):
+            object.__setattr__(self, "matmul_dtype", str(self.matmul_dtype).removeprefix("torch."))
+        resolve_n_tokens(self.n_tokens, 1, check_real("min_factor", self.min_factor))
+        if self.max_length is not None: check_int("max_length", self.max_length, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("seed", self.seed, low=0)
+        check_bool("pack", self.pack); check_bool("allow_tf32", self.allow_tf32)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("matmul_dtype", self.matmul_dtype, ("float32", "float64"))
+
+    def budget(self, d_in: int, sampled: bool) -> int | None:
+        "The number of tokens to read for keys of width `d_in` (`resolve_n_tokens`)."
+        return resolve_n_tokens(self.n_tokens, d_in, self.min_factor, sampled)
+
+    @property
+    def torch_matmul_dtype(self) -> torch.dtype: return getattr(torch, self.matmul_dtype)
+
+# %% ../nbs/03_stats.ipynb #104c0833
+def _cache_keys(model, tok, adapter: ModelAdapter, layers: list[int], corpus: Corpus, budget: int | None,
+                max_length: int, prefix: list[int], cfg: StatsConfig) -> dict[int, dict]:
+    "layer -> the `StatsCache` key of its statistics."
+    common = dict(format=CACHE_FORMAT, model=model_id(model), tokenizer=tokenizer_fingerprint(tok), corpus=corpus.id,
+                  n_tokens=budget, max_length=max_length, pack=cfg.pack, prefix=prefix,
+                  model_dtype=str(adapter.weight(layers[0]).dtype), matmul_dtype=str(cfg.torch_matmul_dtype),
+                  allow_tf32=cfg.allow_tf32, precision=cfg.precision)
+    return {i: dict(common, layer=i, module=adapter.name("rewrite", i)) for i in layers}
+
+# %% ../nbs/03_stats.ipynb #697a05fd
+def _collect(model, tok, adapter: ModelAdapter, layers: list[int], corpus: Corpus, budget: int | None,
+             max_length: int, prefix: list[int], cfg: StatsConfig, info: dict, progress: bool) -> dict[int, LayerStats]:
+    "The statistics of `layers` from one truncated pass over `corpus`."
+    corpus.prepare()                                   # e.g. sample the text now, under its own progress bar
+    col = KeyStatsCollector(model, layers, adapter=adapter, matmul_dtype=cfg.torch_matmul_dtype,
+                            allow_tf32=cfg.allow_tf32, precision=cfg.precision)
+    bar = tqdm(total=budget, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+               desc=f"key stats, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
+    t0 = time.perf_counter()
+    with bar:
+        for ids, mask in token_batches(corpus, tok, max_length, cfg.batch_size, budget, cfg.pack, prefix):
+            bar.update(col.update(ids, mask))
+    secs = time.perf_counter() - t0
+    n = col.counts[layers[0]]
+    if progress and secs > 0: print(f"key statistics: {n:,} tokens in {secs:.1f} s ({n / secs:,.0f} tokens/s)")
+    if n == 0: raise ValueError(f"the corpus {corpus.description!r} produced no tokens")
+    if budget is not None and n < budget:
+        warnings.warn(f"the corpus {corpus.description!r} has only {n:,} tokens, fewer than n_tokens={budget:,}")
+    return col.stats(dict(info, n=n, seconds=round(secs, 3), tokens_per_s=round(n / secs, 1) if secs > 0 else None))
+
+# %% ../nbs/03_stats.ipynb #43f79a1b
+def _report_cond(stats: dict[int, LayerStats], progress: bool) -> None:
+    for i, st in stats.items():
+        c = st.meta.get("cond")
+        if c is None: c = st.meta["cond"] = st.cond()
+        if progress: print(f"layer {i}: n = {st.n:,} keys ({st.n / st.d_in:.1f} × d_in = {st.d_in}), cond(C0) = {c:.3g}")
+        if not math.isfinite(c):
+            warnings.warn(f"C0 of layer {i} is singular (n = {st.n:,} keys, d_in = {st.d_in}); "
+                          "use more tokens (n_tokens) or a more varied corpus")
+
+# %% ../nbs/03_stats.ipynb #c0573cbe
+def collect_key_stats(model, tok, layers, corpus=None, config: StatsConfig | None = None, *,
                       prefix: Sequence[int] | None = None, cache: StatsCache | str | os.PathLike | None = None,
-                      adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,
-                      allow_tf32: bool = False, precision: str = "float32", report_cond: bool | None = None,
-                      progress: bool = True, seed: int = 0) -> KeyStats:
+                      adapter: ModelAdapter | None = None, report_cond: bool | None = None, progress: bool = True,
+                      **settings) -> KeyStats:
     """C0 = mean k kᵀ of the rewrite-module inputs of `layers`, from one truncated pass over `corpus` (cached).
 
-    `corpus`: anything `as_corpus` accepts, or None for `default_corpus` (model-sampled text here). `n_tokens`: an
-    int budget, None (whole corpus), 'min' (= min_factor · d_in) or 'auto' ('min' for model-sampled text, 100,000
-    tokens of a real corpus). `max_length` defaults to min(512, the model's context). `cache`: a `StatsCache` or a
-    directory.
+    `corpus`: anything `as_corpus` accepts, or None for `default_corpus` (model-sampled text here). `config` and
+    `settings` (its fields, e.g. `n_tokens=20_000`): the `StatsConfig`. `cache`: a `StatsCache` or a directory.
+    `report_cond` (default: when the budget is 'min' or 'auto'): compute and print cond(C0).
     """
+    cfg = StatsConfig.of(config, **settings)
     adapter = adapter if adapter is not None else ModelAdapter.from_model(model)
     layers = _layer_list(layers, adapter)
     d_in = max(adapter.d_in(i) for i in layers)
-    if corpus is None:
-        corpus = default_corpus(model, tok, n_tokens=resolve_n_tokens(n_tokens, d_in, min_factor, sampled=True),
-                                seed=seed, verbose=progress)
+    if corpus is None: corpus = default_corpus(model, tok, n_tokens=cfg.budget(d_in, sampled=True), seed=cfg.seed,
+                                               verbose=progress)
     else: corpus = as_corpus(corpus)
-    budget = resolve_n_tokens(n_tokens, d_in, min_factor, sampled=corpus.sampled)
-    ctx = max_positions(model)
-    if max_length is None: max_length = min(512, ctx) if ctx else 512
+    budget, ctx = cfg.budget(d_in, corpus.sampled), max_positions(model)
+    max_length = cfg.max_length or (min(512, ctx) if ctx else 512)
     if ctx and max_length > ctx: raise ValueError(f"max_length={max_length} exceeds the model's context of {ctx} tokens")
     prefix = special_prefix(tok) if prefix is None else [int(t) for t in prefix]
     if isinstance(cache, (str, os.PathLike)): cache = StatsCache(cache)
-    if report_cond is None: report_cond = n_tokens in ("min", "auto")
+    if report_cond is None: report_cond = cfg.n_tokens in ("min", "auto")
 
-    result: dict[int, LayerStats] = {}
-    keys = {}
-    if cache is not None:
-        common = dict(format=CACHE_FORMAT, model=model_id(model),
-                      tokenizer=tokenizer_fingerprint(tok), corpus=corpus.id, n_tokens=budget, max_length=max_length,
-                      pack=pack, prefix=prefix, model_dtype=str(adapter.weight(layers[0]).dtype),
-                      matmul_dtype=str(matmul_dtype), allow_tf32=allow_tf32, precision=precision)
-        for i in layers:
-            keys[i] = dict(common, layer=i, module=adapter.name("rewrite", i))
-            hit = cache.load(keys[i], device=adapter.device("rewrite", i))
-            if hit is not None: result[i] = hit
+    keys = _cache_keys(model, tok, adapter, layers, corpus, budget, max_length, prefix, cfg) if cache is not None else {}
+    result = {i: hit for i in keys if (hit := cache.load(keys[i], device=adapter.device("rewrite", i))) is not None}
     missing = [i for i in layers if i not in result]
-    info = dict(corpus=corpus.description, corpus_id=corpus.id, n_tokens=budget, max_length=max_length, pack=pack)
+    info = dict(corpus=corpus.description, corpus_id=corpus.id, n_tokens=budget, max_length=max_length, pack=cfg.pack)
     if missing:
         if progress:
             where = (f"cached in {cache.directory}, reused by later edits of this model with the same layers, corpus "
                      "and budget" if cache is not None else "not cached (pass cache=... to keep them)")
             print(f"key statistics of layer(s) {missing}: {'all' if budget is None else f'{budget:,}'} tokens of "
                   f"{corpus.description}; {where}")
-        corpus.prepare()                                   # e.g. sample the text now, under its own progress bar
-        col = KeyStatsCollector(model, missing, adapter=adapter, matmul_dtype=matmul_dtype, allow_tf32=allow_tf32,
-                                precision=precision)
-        bar = tqdm(total=budget, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
-                   desc=f"key stats, layer{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))}")
-        t0 = time.perf_counter()
-        with bar:
-            for ids, mask in token_batches(corpus, tok, max_length, batch_size, budget, pack, prefix):
-                bar.update(col.update(ids, mask))
-        secs = time.perf_counter() - t0
-        n = col.counts[missing[0]]
-        if progress and secs > 0: print(f"key statistics: {n:,} tokens in {secs:.1f} s ({n / secs:,.0f} tokens/s)")
-        if n == 0: raise ValueError(f"the corpus {corpus.description!r} produced no tokens")
-        if budget is not None and n < budget:
-            warnings.warn(f"the corpus {corpus.description!r} has only {n:,} tokens, fewer than n_tokens={budget:,}")
-        run = dict(info, n=n, seconds=round(secs, 3), tokens_per_s=round(n / secs, 1) if secs > 0 else None)
-        for i, st in col.stats(run).items():
+        for i, st in _collect(model, tok, adapter, missing, corpus, budget, max_length, prefix, cfg, info,
+                              progress).items():
             if report_cond: st.meta["cond"] = st.cond()
             result[i] = st
             if cache is not None: cache.save(keys[i], st, info=st.meta)
-    if report_cond:
-        for i in layers:
-            st = result[i]
-            c = st.meta.get("cond")
-            if c is None: c = st.meta["cond"] = st.cond()
-            if progress: print(f"layer {i}: n = {st.n:,} keys ({st.n / st.d_in:.1f} × d_in = {st.d_in}), cond(C0) = {c:.3g}")
-            if not math.isfinite(c):
-                warnings.warn(f"C0 of layer {i} is singular (n = {st.n:,} keys, d_in = {st.d_in}); "
-                              "use more tokens (n_tokens) or a more varied corpus")
+    if report_cond: _report_cond({i: result[i] for i in layers}, progress)
     return KeyStats({i: result[i] for i in layers},
                     dict(info, cached=sorted(set(layers) - set(missing)), computed=missing))

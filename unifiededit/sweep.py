@@ -13,27 +13,27 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .data import EditRecord
-from .editing import edit
+from .editing import Timer, edit
 from .hparams import HParams
-from .keys import ContextTemplates, EditRequest
+from .keys import ContextTemplates, EditRequest, as_requests
 from .metrics import METRICS, evaluate, harmonic_mean, mean_ci
 from .models import ModelAdapter, execution_device
 from .stats import collect_key_stats
-from .store import (TensorCache, clean_stale_temps, digest, tensors_digest, load_tensors, model_id, read_json, save_tensors,
+from .store import (TensorCache, check_choice, clean_stale_temps, digest, tensors_digest, load_tensors, model_id, read_json, save_tensors,
                                tokenizer_fingerprint, write_json_atomic)
-from .values import TargetValues, compute_target_values
+from .values import TargetValues, ValueConfig, compute_target_values
 
 # %% auto #0
-__all__ = ['VALUE_CACHE_FORMAT', 'VALUE_HPARAMS', 'EARLY_STOP_LOSS', 'SCORE_METRICS', 'MAGNITUDE_METRICS', 'BATCH_FORMAT',
-           'METHOD_COLORS', 'METHOD_MARKERS', 'MODE_STYLES', 'ABBR', 'model_key', 'ValueCache', 'cached_target_values',
-           'SweepConfig', 'default_layer_modes', 'record_batches', 'SweepResults', 'load_sweep', 'paired_difference',
-           'SweepRun', 'run_sweep', 'plot_sweep', 'plot_diagnostics', 'sweep_from_args']
+__all__ = ['VALUE_CACHE_FORMAT', 'SCORE_METRICS', 'MAGNITUDE_METRICS', 'BATCH_FORMAT', 'METHOD_COLORS', 'METHOD_MARKERS',
+           'MODE_STYLES', 'ABBR', 'model_key', 'ValueCache', 'cached_target_values', 'SweepConfig',
+           'default_layer_modes', 'record_batches', 'SweepResults', 'load_sweep', 'paired_difference', 'SweepRun',
+           'run_sweep', 'plot_sweep', 'plot_diagnostics', 'report_sweep']
 
 # %% ../nbs/12_sweep.ipynb #20b343a2
 def _num(v):
@@ -42,10 +42,7 @@ def _num(v):
     return v if math.isfinite(v) else str(v)
 
 # %% ../nbs/12_sweep.ipynb #b3118044
-VALUE_CACHE_FORMAT = "unifiededit.values-cache/1"
-VALUE_HPARAMS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "v_precision",
-                 "prob_cutoff")
-EARLY_STOP_LOSS = 5e-2                   # compute_target_values' default, which `edit` uses
+VALUE_CACHE_FORMAT = "unifiededit.values-cache/2"
 _SCALARS = ("loss_init", "loss_final", "nll_final", "kl_final", "prob_init", "prob_final")
 
 
@@ -78,13 +75,13 @@ class ValueCache:
         return f"ValueCache({str(self.root)!r}, hits={self.hits}, computed={self.computed}, corrupt={self.corrupt})"
 
     @staticmethod
-    def key(model: str, tokenizer: str, request, layer: int, hook: str, templates, hparams) -> dict:
-        "Everything a target value depends on, as a JSON-ready dict (`hparams`: an `HParams` or a dict with VALUE_HPARAMS)."
-        hp = hparams.to_dict() if isinstance(hparams, HParams) else dict(hparams)
+    def key(model: str, tokenizer: str, request, layer: int, hook: str, templates, config: ValueConfig | HParams) -> dict:
+        "Everything a target value depends on, as a JSON-ready dict (`config`: a `ValueConfig`, or an `HParams`'s)."
+        cfg = config.value_config if isinstance(config, HParams) else config
         return {"format": VALUE_CACHE_FORMAT, "model": model, "tokenizer": tokenizer,
                 "request": _request_ident(request), "layer": int(layer), "hook": hook,
                 "templates": ContextTemplates.coerce(templates).groups,
-                "hparams": {k: hp[k] for k in VALUE_HPARAMS}, "early_stop_loss": EARLY_STOP_LOSS}
+                "values": cfg.to_dict()}
 
     def path(self, key: dict) -> Path: return self._files.path(key)
 
@@ -120,16 +117,11 @@ def cached_target_values(model, tok, requests: Sequence, layer: int, templates, 
     read from `cache` where present and computed (in one batched call) and stored where not.
 
     `key_of_model`: the model's `model_key`, if the caller already has it (it costs a pass over the weights)."""
-    reqs = [EditRequest.from_any(r) for r in requests]
-    if not reqs: raise ValueError("no requests given")
+    reqs = as_requests(requests)
     templates = ContextTemplates.coerce(templates)
     adapter = adapter or ModelAdapter.from_model(model, **hparams.module_overrides())
-    kw = dict(adapter=adapter, v_lr=hparams.v_lr, v_num_grad_steps=hparams.v_num_grad_steps,
-              clamp_norm_factor=hparams.clamp_norm_factor, kl_factor=hparams.kl_factor,
-              v_weight_decay=hparams.v_weight_decay, precision=hparams.v_precision,
-              prob_cutoff=hparams.prob_cutoff, hook=hook,
-              batch_size=hparams.v_batch_size,
-              early_stop_loss=EARLY_STOP_LOSS, progress=progress)
+    kw = dict(config=hparams.value_config, adapter=adapter, hook=hook, batch_size=hparams.v_batch_size,
+              progress=progress)
     if cache is None: return compute_target_values(model, tok, reqs, layer, templates, **kw)
     if not isinstance(cache, ValueCache): cache = ValueCache(cache)
     mk, tk = key_of_model or model_key(model), tokenizer_fingerprint(tok)
@@ -352,24 +344,6 @@ class SweepRun:
     def results(self) -> SweepResults: return load_sweep(self.out_dir)
 
 
-def _stats_digest(stats, layers) -> dict:
-    return {str(l): tensors_digest({"C0": getattr(stats[l], "mom2", stats[l])})[:16] for l in layers}
-
-
-def _snapshot(adapter, layers) -> dict:
-    return {l: adapter.read_weight(l).clone() for l in layers}
-
-
-@torch.no_grad()
-def _restore(adapter, snap: dict):
-    for l, w in snap.items(): adapter.write_weight(l, w)
-
-
-def _check_restored(adapter, snap: dict, what: str):
-    bad = [l for l, w in snap.items() if not torch.equal(adapter.read_weight(l), w)]
-    if bad: raise RuntimeError(f"after {what}, the weights of layer(s) {bad} differ from the unedited model's")
-
-
 def _edit_diag(es: list, adapter, base: dict, layers) -> dict:
     "Diagnostics of a batch's edit(s): total ‖Δ‖ (from the weights), per-layer solver info, z statistics."
     layers_d = {}
@@ -391,8 +365,189 @@ def _edit_diag(es: list, adapter, base: dict, layers) -> dict:
                   "loss_final_mean": float(cat("loss_final").mean()), "steps_mean": float(cat("n_steps").mean()),
                   "prob_final": [round(float(x), 6) for x in cat("prob_final")]}}
 
-# %% ../nbs/12_sweep.ipynb #3f332ada
-def _run_batch(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates, cache, adapter, hook, key_now):
+# %% ../nbs/12_sweep.ipynb #d5a566c5
+def _hparams_for(model, method: str, layers: list[int], B: int, base: dict | None, overrides: dict,
+                 emmet_lambda_b1: float | None) -> HParams:
+    hp = base[method] if base and method in base else HParams.for_model(model, method, **overrides)
+    if base and method in base and overrides: hp = hp.replace(**overrides)
+    hp = hp.replace(layers=list(layers))
+    if method == "emmet" and B == 1 and emmet_lambda_b1 is not None: hp = hp.replace(emmet_lambda=float(emmet_lambda_b1))
+    return hp
+
+
+def _hook_for(hp: HParams) -> str:
+    if hp.value_hook == "auto": return "rewrite" if len(hp.layers) == 1 else "layer"
+    return hp.value_hook
+
+
+@dataclass
+class _Planned:
+    "One configuration of a sweep: its settings, its batches and, once planned, its templates, fingerprint and state."
+    cfg: SweepConfig
+    hp: HParams
+    batches: list
+    templates: ContextTemplates | None = None
+    fingerprint: str = ""
+    folder: Path | None = None
+    done: set = field(default_factory=set)                  # indices of the finished batches
+
+
+def _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval) -> tuple[list, list, dict]:
+    "(records, methods, layer mode -> layers), checked."
+    records = list(records)
+    if not records: raise ValueError("no records to edit")
+    if not all(isinstance(r, EditRecord) for r in records):
+        raise TypeError("records must be EditRecords (e.g. load_counterfact(...).sample(n))")
+    ids = [r.case_id for r in records]
+    if len(set(ids)) != len(ids): raise ValueError("records have duplicate case_ids")
+    check_choice("sequential_eval", sequential_eval, ("all", "batch"))
+    methods = [check_choice("method", m.lower(), ("rome", "memit", "emmet")) for m in methods]
+    layers = {k: list(v) for k, v in (layers or default_layer_modes(model)).items()}
+    for mode in layer_modes:
+        if mode not in layers: raise ValueError(f"layer mode {mode!r} has no layers; known: {sorted(layers)}")
+    return records, methods, layers
+
+
+def _grid(model, records, methods, layer_modes, layers, batch_sizes, sequential, hparams, overrides, emmet_lambda_b1,
+          max_batches) -> tuple[list[_Planned], list]:
+    "The configurations to run, and those skipped (with the reason)."
+    skipped, grid = [], []
+    for mode in layer_modes:
+        for method in methods:
+            if method == "rome" and len(layers[mode]) != 1:
+                skipped.append((f"rome-{mode}", f"ROME edits one layer; layer mode {mode!r} has {layers[mode]}")); continue
+            for B in sorted(set(int(b) for b in batch_sizes)):
+                cfg = SweepConfig(method, mode, tuple(layers[mode]), B, sequential)
+                if B > len(records): skipped.append((cfg.name, f"batch size {B} exceeds the {len(records)} records")); continue
+                hp = _hparams_for(model, method, layers[mode], B, hparams, overrides, emmet_lambda_b1)
+                grid.append(_Planned(cfg, hp, record_batches(records, B, max_batches)))
+    if not grid: raise ValueError(f"nothing to run: {skipped}")
+    return grid, skipped
+
+# %% ../nbs/12_sweep.ipynb #a710e901
+def _sweep_stats(model, tok, grid: list[_Planned], stats, corpus, stats_cache, adapter, seed: int, progress: bool):
+    "(stats, layers): the given statistics, or one `collect_key_stats` pass over every edited layer."
+    layers = sorted({l for p in grid for l in p.cfg.layers})
+    if stats is None:
+        configs = {p.hp.stats_config.replace(seed=seed) for p in grid}
+        if len(configs) > 1: raise ValueError(f"the methods ask for different key statistics {configs}: pass `stats`")
+        stats = collect_key_stats(model, tok, layers, corpus, configs.pop(), cache=stats_cache, adapter=adapter,
+                                  progress=progress)
+    missing = [l for l in layers if l not in stats]
+    if missing: raise ValueError(f"stats lack layer(s) {missing}")
+    return stats, layers
+
+
+def _stats_digest(stats, layers) -> dict:
+    return {str(l): tensors_digest({"C0": getattr(stats[l], "mom2", stats[l])})[:16] for l in layers}
+
+
+def _sweep_templates(model, tok, grid: list[_Planned]) -> None:
+    made = {}
+    for p in grid:
+        kc = p.hp.key_config
+        k = (kc.length_params, kc.start_words, kc.seed)             # the key mode does not change the templates
+        if k not in made: made[k] = kc.templates(model, tok)
+        p.templates = made[k]
+
+
+def _pre_evaluation(model, tok, records, out_dir: Path, identity: dict, eval_settings: dict, overwrite: bool) -> None:
+    "`pre.json`: every record's metrics on the unedited model, extended to records it lacks."
+    fp = digest({**identity, "eval": eval_settings})
+    pre = read_json(out_dir / "pre.json")
+    if pre is not None and pre.get("fingerprint") != fp:
+        if not overwrite:
+            raise ValueError(f"{out_dir / 'pre.json'} was made with another model, tokenizer or evaluation settings "
+                             f"({pre.get('model')!r}); use another out_dir or overwrite=True")
+        pre = None
+    pre = pre or {"format": "unifiededit.sweep.pre/1", "fingerprint": fp, "model": identity["model"], "records": {}}
+    todo = [r for r in records if str(r.case_id) not in pre["records"]]
+    if todo:
+        run = evaluate(model, tok, todo, batch_size=eval_settings["batch_size"])
+        for r in _slim_records(run): pre["records"][str(r["case_id"])] = r
+        write_json_atomic(out_dir / "pre.json", pre)
+
+# %% ../nbs/12_sweep.ipynb #0bdc9e16
+def _finished(path: Path, fingerprint: str, recs) -> bool:
+    "Whether `path` holds a valid result of this configuration for exactly these records."
+    f = read_json(path)
+    return bool(f) and f.get("format") == BATCH_FORMAT and f.get("fingerprint") == fingerprint \
+        and f.get("case_ids") == [r.case_id for r in recs]
+
+
+def _plan(p: _Planned, out_dir: Path, identity: dict, stats_id: dict, eval_settings: dict, sequential_eval: str,
+          overwrite: bool) -> None:
+    "Set `p`'s fingerprint, folder (checked against earlier runs) and finished batches."
+    desc = {"format": BATCH_FORMAT, "config": p.cfg.to_dict(), **identity, "stats": stats_id,
+            "hparams": {k: v for k, v in p.hp.to_dict().items() if k != "meta"}, "templates": p.templates.groups,
+            "value_hook": _hook_for(p.hp), "eval": eval_settings,
+            "sequential_eval": sequential_eval if p.cfg.sequential else None}
+    p.fingerprint, p.folder = digest(desc), out_dir / p.cfg.name
+    old = read_json(p.folder / "config.json")
+    if old is not None and old.get("fingerprint") != p.fingerprint:
+        if not overwrite:
+            diff = sorted(k for k in desc if old.get("description", {}).get(k) != json.loads(json.dumps(desc))[k])
+            raise ValueError(f"{p.folder} holds results of different settings (differs in {diff}); use another "
+                             "out_dir, or overwrite=True to discard them")
+        shutil.rmtree(p.folder)
+        shutil.rmtree(out_dir / ".state" / p.cfg.name, ignore_errors=True)
+    if not (p.folder / "config.json").is_file():
+        write_json_atomic(p.folder / "config.json", {"fingerprint": p.fingerprint, "description": desc})
+    finished = [_finished(p.folder / f"batch_{b:05d}.json", p.fingerprint, recs) for b, recs in enumerate(p.batches)]
+    if p.cfg.sequential: p.done = set(range(finished.index(False) if False in finished else len(finished)))
+    else: p.done = {b for b, ok in enumerate(finished) if ok}
+
+# %% ../nbs/12_sweep.ipynb #00fc7318
+class _Budget:
+    "Whether `n` more edits fit in `seconds` (None: no limit) counted from now."
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.spent, self.edits = seconds, time.perf_counter(), 0.0, 0
+
+    def over(self, n_edits: int) -> bool:
+        if self.seconds is None: return False
+        rate = self.spent / self.edits if self.edits else 0.0
+        return time.perf_counter() - self.start + rate * n_edits > self.seconds
+
+    def add(self, seconds: float, n_edits: int): self.spent += seconds; self.edits += n_edits
+
+# %% ../nbs/12_sweep.ipynb #0a10a39f
+def _precompute_values(model, tok, plan: list[_Planned], cache: ValueCache, adapter, base_key: str, budget: _Budget,
+                       bar, progress: bool) -> str | None:
+    "Fill `cache` for every unfinished independent batch; the reason it stopped early, or None."
+    groups = {}
+    for p in plan:
+        if p.cfg.method == "rome" and p.cfg.batch_size > 1: continue
+        k = (p.hp.layers[-1], _hook_for(p.hp), json.dumps(p.templates.groups), p.hp.value_config)
+        g = groups.setdefault(k, (p.hp, p.templates, {}))
+        for b, recs in enumerate(p.batches):
+            if b not in p.done:
+                for r in recs: g[2].setdefault(r.case_id, r)
+    chunk = 4096 if execution_device(model).type == "cuda" else 256      # edits per call (chunked by memory inside)
+    for (L, hook, _, _), (hp, templates, recs) in groups.items():
+        recs = list(recs.values())
+        bar.set_description(f"target values, layer {L}")
+        for i in range(0, len(recs), chunk):
+            if budget.over(0): return "time budget reached while computing target values"
+            cached_target_values(model, tok, [r.request for r in recs[i:i + chunk]], L, templates, hp, hook=hook,
+                                 cache=cache, adapter=adapter, key_of_model=base_key, progress=progress)
+    return None
+
+# %% ../nbs/12_sweep.ipynb #0f43cfdd
+def _snapshot(adapter, layers) -> dict:
+    return {l: adapter.read_weight(l).clone() for l in layers}
+
+
+@torch.no_grad()
+def _restore(adapter, snap: dict):
+    for l, w in snap.items(): adapter.write_weight(l, w)
+
+
+def _check_restored(adapter, snap: dict, what: str):
+    bad = [l for l, w in snap.items() if not torch.equal(adapter.read_weight(l), w)]
+    if bad: raise RuntimeError(f"after {what}, the weights of layer(s) {bad} differ from the unedited model's")
+
+
+def _apply(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates, cache, adapter, hook, key_now):
     "Apply one batch's edit(s) (ROME: one request after the other) with cached target values; returns the applied Edits."
     es = []
     try:
@@ -408,28 +563,93 @@ def _run_batch(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templa
         raise
     return es
 
+# %% ../nbs/12_sweep.ipynb #8cda90d6
+@dataclass
+class _SweepLoop:
+    "What the batches of one `run_sweep` call share."
+    model: Any
+    tok: Any
+    adapter: ModelAdapter
+    out_dir: Path
+    stats: Any
+    cache: ValueCache | None
+    base_key: str
+    snap: dict                                   # the unedited weights of every layer the sweep touches
+    sequential_eval: str
+    eval_batch_size: int
+    budget: _Budget
+    bar: Any
+    on_batch: Callable | None
+    n_new: int = 0
+    stopped: str | None = None
 
-def _finished(path: Path, fingerprint: str, recs) -> bool:
-    "Whether `path` holds a valid result of this configuration for exactly these records."
-    f = read_json(path)
-    return bool(f) and f.get("format") == BATCH_FORMAT and f.get("fingerprint") == fingerprint \
-        and f.get("case_ids") == [r.case_id for r in recs]
+    def run(self, p: _Planned) -> None:
+        "The unfinished batches of `p`, in order."
+        if p.cfg.sequential and p.done: self._resume(p)
+        for b, recs in enumerate(p.batches):
+            if b in p.done: continue
+            if self.budget.over(len(recs)): self.stopped = "time budget"; return
+            self.bar.set_description(p.cfg.name)
+            result = self.batch(p, b, recs)
+            self.n_new += 1
+            self.budget.add(result["seconds"]["total"], len(recs))
+            self.bar.update(len(recs))
+            es = [r["metrics"].get("efficacy_score") for r in result["records"]]
+            es = [v for v in es if v is not None]
+            self.bar.set_postfix(ES=f"{100 * np.mean(es):.0f}" if es else "-",
+                                 dW=f"{float(result['diagnostics']['delta_norm']):.3g}")
+            if self.on_batch is not None: self.on_batch(result)
+        if p.cfg.sequential: _restore(self.adapter, {l: self.snap[l] for l in p.cfg.layers})
 
+    def _resume(self, p: _Planned) -> None:
+        "A sequential configuration continues from the weights after its last finished batch."
+        last = max(p.done)
+        path = self.out_dir / ".state" / p.cfg.name / f"after_{last:05d}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{p.cfg.name}: batches 0..{last} are finished but the weights after batch "
+                                    f"{last} ({path}) are missing; rerun with overwrite=True to start over")
+        tensors, meta = load_tensors(path)                 # CorruptFile if damaged: never resume from it
+        if meta.get("fingerprint") != p.fingerprint or meta.get("base_model") != self.base_key:
+            raise ValueError(f"{path} belongs to another configuration or base model")
+        _restore(self.adapter, {l: tensors[f"layer.{l}"] for l in p.cfg.layers})
 
-def _hparams_for(model, method: str, layers: list[int], B: int, base: dict | None, overrides: dict,
-                 emmet_lambda_b1: float | None) -> HParams:
-    hp = base[method] if base and method in base else HParams.for_model(model, method, **overrides)
-    if base and method in base and overrides: hp = hp.replace(**overrides)
-    hp = hp.replace(layers=list(layers))
-    if method == "emmet" and B == 1 and emmet_lambda_b1 is not None: hp = hp.replace(emmet_lambda=float(emmet_lambda_b1))
-    return hp
+    def batch(self, p: _Planned, b: int, recs: list) -> dict:
+        "Edit, evaluate, (revert,) write batch `b` of `p`; returns its result."
+        cfg, seq, timer = p.cfg, p.cfg.sequential, Timer()
+        with timer("total"):
+            key_now = None if self.cache is None else self.base_key if not seq or b == 0 else model_key(self.model)
+            before = _snapshot(self.adapter, cfg.layers) if seq else {l: self.snap[l] for l in cfg.layers}
+            with timer("edit"):
+                es = _apply(self.model, self.tok, cfg, p.hp, recs, stats=self.stats, templates=p.templates,
+                            cache=self.cache, adapter=self.adapter, hook=_hook_for(p.hp), key_now=key_now)
+            try:
+                diag = _edit_diag(es, self.adapter, before, cfg.layers)
+                if seq: diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
+                    float((self.adapter.read_weight(l).double() - self.snap[l].double()).norm()) ** 2 for l in cfg.layers)))
+                last = b == len(p.batches) - 1
+                ev = ([r for bb in p.batches[:b + 1] for r in bb] if seq and (self.sequential_eval == "all" or last)
+                      else recs)
+                with timer("eval"): run = evaluate(self.model, self.tok, ev, batch_size=self.eval_batch_size)
+            finally:
+                if not seq:
+                    for e in reversed(es): e.revert()
+                    _check_restored(self.adapter, {l: self.snap[l] for l in cfg.layers}, f"{cfg.name} batch {b}")
+            result = {"format": BATCH_FORMAT, "fingerprint": p.fingerprint,
+                      "config": {**cfg.to_dict(), "emmet_lambda": p.hp.emmet_lambda if cfg.method == "emmet" else None,
+                                 "sequential_eval": self.sequential_eval if seq else None},
+                      "batch": b, "case_ids": [r.case_id for r in recs], "evaluated_after_edits": len(ev),
+                      "records": _slim_records(run), "diagnostics": diag}
+        result["seconds"] = {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
+                             "edit": timer.times["edit"], "eval": timer.times["eval"], "total": timer.times["total"]}
+        sdir = self.out_dir / ".state" / cfg.name
+        if seq:                                           # weights first, then the result that points to them
+            save_tensors(sdir / f"after_{b:05d}.safetensors", {f"layer.{l}": self.adapter.read_weight(l) for l in cfg.layers},
+                         {"fingerprint": p.fingerprint, "base_model": self.base_key, "batch": b})
+        write_json_atomic(p.folder / f"batch_{b:05d}.json", result)
+        if seq and b > 0: (sdir / f"after_{b - 1:05d}.safetensors").unlink(missing_ok=True)
+        return result
 
-
-def _hook_for(hp: HParams) -> str:
-    if hp.value_hook == "auto": return "rewrite" if len(hp.layers) == 1 else "layer"
-    return hp.value_hook
-
-
+# %% ../nbs/12_sweep.ipynb #cf4c79a3
 def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathLike, *,
               methods: Sequence[str] = ("emmet", "memit"), batch_sizes: Sequence[int] = (1, 4, 16, 64),
               layer_modes: Sequence[str] = ("single", "multi"), layers: dict[str, Sequence[int]] | None = None,
@@ -449,227 +669,46 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
     `max_batches`: at most this many batches per configuration. `time_budget`: seconds; see above.
     `on_batch(result)` is called after each batch file is written. Device-agnostic: runs where the model is.
     """
-    t_start = time.perf_counter()
-    import inspect
-    if "values" not in inspect.signature(edit).parameters:
-        raise ImportError("unifiededit.editing.edit lacks the `values=` argument (precomputed target values, chapter 7) "
-                          "that the sweep needs; this copy of the package predates it")
-    records = list(records)
-    if not records: raise ValueError("no records to edit")
-    if not all(isinstance(r, EditRecord) for r in records):
-        raise TypeError("records must be EditRecords (e.g. load_counterfact(...).sample(n))")
-    ids = [r.case_id for r in records]
-    if len(set(ids)) != len(ids): raise ValueError("records have duplicate case_ids")
-    if sequential_eval not in ("all", "batch"): raise ValueError(f"sequential_eval must be 'all' or 'batch', got {sequential_eval!r}")
-    methods = [m.lower() for m in methods]
-    for m_ in methods:
-        if m_ not in ("rome", "memit", "emmet"): raise ValueError(f"unknown method {m_!r}: use 'rome', 'memit' or 'emmet'")
-    layers = {k: list(v) for k, v in (layers or default_layer_modes(model)).items()}
-    for mode in layer_modes:
-        if mode not in layers: raise ValueError(f"layer mode {mode!r} has no layers; known: {sorted(layers)}")
-    overrides = dict(overrides or {})
+    timer, budget = Timer(), _Budget(time_budget)
+    records, methods, layers = _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval)
+    grid, skipped = _grid(model, records, methods, layer_modes, layers, batch_sizes, sequential, hparams,
+                          dict(overrides or {}), emmet_lambda_b1, max_batches)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for d in [out_dir, *out_dir.glob("*/"), *out_dir.glob(".state/*/")]: clean_stale_temps(d)   # a killed run's leftovers
     if value_cache is not None and not isinstance(value_cache, ValueCache): value_cache = ValueCache(value_cache)
     adapter = ModelAdapter.from_model(model)
-    seconds = {k: 0.0 for k in ("stats", "templates", "pre_eval", "values", "batches")}
-
-    # the grid, capped by the data
-    skipped, grid = [], []
-    for mode in layer_modes:
-        for method in methods:
-            if method == "rome" and len(layers[mode]) != 1:
-                skipped.append((f"rome-{mode}", f"ROME edits one layer; layer mode {mode!r} has {layers[mode]}")); continue
-            for B in sorted(set(int(b) for b in batch_sizes)):
-                cfg = SweepConfig(method, mode, tuple(layers[mode]), B, sequential)
-                if B > len(records): skipped.append((cfg.name, f"batch size {B} exceeds the {len(records)} records")); continue
-                hp = _hparams_for(model, method, layers[mode], B, hparams, overrides, emmet_lambda_b1)
-                grid.append((cfg, hp, record_batches(records, B, max_batches)))
-    if not grid: raise ValueError(f"nothing to run: {skipped}")
-
-    # key statistics for every edited layer (one pass, cached)
-    t = time.perf_counter()
-    all_layers = sorted({l for cfg, _, _ in grid for l in cfg.layers})
-    if stats is None:
-        spec = {(hp.mom2_n_tokens, hp.mom2_max_length) for _, hp, _ in grid}
-        if len(spec) > 1: raise ValueError(f"the methods ask for different key statistics {spec}: pass `stats`")
-        n_tok, max_len = spec.pop()
-        stats = collect_key_stats(model, tok, all_layers, corpus, n_tokens=n_tok, max_length=max_len, cache=stats_cache,
-                                  adapter=adapter, progress=progress, seed=seed)
-    missing = [l for l in all_layers if l not in stats]
-    if missing: raise ValueError(f"stats lack layer(s) {missing}")
-    stats_id = _stats_digest(stats, all_layers)
-    seconds["stats"] = time.perf_counter() - t
-
-    # context templates, once per distinct setting (exactly as `edit` makes them)
-    t = time.perf_counter()
-    tmpl_cache = {}
-    def templates_for(hp):
-        k = (json.dumps(hp.context_template_length_params), hp.seed)
-        if k not in tmpl_cache:
-            tmpl_cache[k] = ContextTemplates.generate(model, tok, hp.context_template_length_params, seed=hp.seed)
-        return tmpl_cache[k]
-    for _, hp, _ in grid: templates_for(hp)
-    seconds["templates"] = time.perf_counter() - t
-
-    base_key, tok_key = model_key(model), tokenizer_fingerprint(tok)
-    eval_settings = {"batch_size": eval_batch_size, "suites": "default", "generation": False}
-
-    # pre-edit evaluation (extended to new records)
-    t = time.perf_counter()
-    pre_fp = digest({"model": base_key, "tokenizer": tok_key, "eval": eval_settings})
-    pre = read_json(out_dir / "pre.json")
-    if pre is not None and pre.get("fingerprint") != pre_fp:
-        if not overwrite:
-            raise ValueError(f"{out_dir / 'pre.json'} was made with another model, tokenizer or evaluation settings "
-                             f"({pre.get('model')!r}); use another out_dir or overwrite=True")
-        pre = None
-    pre = pre or {"format": "unifiededit.sweep.pre/1", "fingerprint": pre_fp, "model": base_key, "records": {}}
-    todo = [r for r in records if str(r.case_id) not in pre["records"]]
-    if todo:
-        for r in _slim_records(evaluate(model, tok, todo, batch_size=eval_batch_size)): pre["records"][str(r["case_id"])] = r
-        write_json_atomic(out_dir / "pre.json", pre)
-    seconds["pre_eval"] = time.perf_counter() - t
-
-    # configuration fingerprints; finished batches
-    plan = []
-    for cfg, hp, batches in grid:
-        templates = templates_for(hp)
-        desc = {"format": BATCH_FORMAT, "config": cfg.to_dict(), "model": base_key, "tokenizer": tok_key,
-                "stats": stats_id, "hparams": {k: v for k, v in hp.to_dict().items() if k != "meta"},
-                "templates": templates.groups, "value_hook": _hook_for(hp), "eval": eval_settings,
-                "sequential_eval": sequential_eval if sequential else None}
-        fp = digest(desc)
-        cdir = out_dir / cfg.name
-        old = read_json(cdir / "config.json")
-        if old is not None and old.get("fingerprint") != fp:
-            if not overwrite:
-                diff = sorted(k for k in desc if old.get("description", {}).get(k) != json.loads(json.dumps(desc))[k])
-                raise ValueError(f"{cdir} holds results of different settings (differs in {diff}); use another "
-                                 "out_dir, or overwrite=True to discard them")
-            shutil.rmtree(cdir)
-            shutil.rmtree(out_dir / ".state" / cfg.name, ignore_errors=True)
-        if not (cdir / "config.json").is_file():
-            write_json_atomic(cdir / "config.json", {"fingerprint": fp, "description": desc})
-        finished = [_finished(cdir / f"batch_{b:05d}.json", fp, recs) for b, recs in enumerate(batches)]
-        if sequential:                                # a sequential run continues after its last unbroken batch
-            done = set(range(finished.index(False) if False in finished else len(finished)))
-        else: done = {b for b, ok in enumerate(finished) if ok}
-        plan.append((cfg, hp, batches, templates, fp, cdir, done))
-    n_total = sum(len(p[2]) for p in plan)
-    n_existing = sum(len(p[6]) for p in plan)
-    edits_total = sum(len(r) for p in plan for b, r in enumerate(p[2]))
-    edits_done = sum(len(r) for p in plan for b, r in enumerate(p[2]) if b in p[6])
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=edits_total, initial=edits_done, unit="edit", disable=not progress, dynamic_ncols=True,
-               desc="sweep")
-    stopped, n_new, done_secs, done_edits = None, 0, 0.0, 0
-
-    def over_budget(n_edits: int) -> bool:
-        if time_budget is None: return False
-        elapsed = time.perf_counter() - t_start
-        rate = done_secs / done_edits if done_edits else 0.0
-        return elapsed + rate * n_edits > time_budget
-
-    # target values of every unfinished independent batch, batched and cached before the loop
-    t = time.perf_counter()
-    if value_cache is not None and not sequential:
-        groups = {}
-        for cfg, hp, batches, templates, fp, cdir, done in plan:
-            if cfg.method == "rome" and cfg.batch_size > 1: continue   # later ROME edits see an edited model
-            k = (hp.layers[-1], _hook_for(hp), json.dumps(templates.groups), tuple(getattr(hp, a) for a in VALUE_HPARAMS))
-            g = groups.setdefault(k, (hp, templates, {}))
-            for b, recs in enumerate(batches):
-                if b not in done:
-                    for r in recs: g[2].setdefault(r.case_id, r)
-        for (L, hook, _, _), (hp, templates, recs) in groups.items():
-            recs = list(recs.values())
-            # a resume unit: values are stored after each call (which chunks its edits by memory inside)
-            chunk = 4096 if execution_device(model).type == "cuda" else 256
-            bar.set_description(f"target values, layer {L}")
-            for i in range(0, len(recs), chunk):
-                if over_budget(0):
-                    stopped = "time budget reached while computing target values"; break
-                cached_target_values(model, tok, [r.request for r in recs[i:i + chunk]], L, templates, hp, hook=hook,
-                                     cache=value_cache, adapter=adapter, key_of_model=base_key, progress=progress)
-    seconds["values"] = time.perf_counter() - t
-
-    snap = _snapshot(adapter, all_layers)                     # the unedited weights of every layer a sweep touches
-    t = time.perf_counter()
-    try:
-        for cfg, hp, batches, templates, fp, cdir, done in plan:
-            if stopped: break
-            hook = _hook_for(hp)
-            sdir = out_dir / ".state" / cfg.name
-            if sequential and done:                           # resume: the weights after the last finished batch
-                last = max(done)
-                path = sdir / f"after_{last:05d}.safetensors"
-                if not path.is_file():
-                    raise FileNotFoundError(f"{cfg.name}: batches 0..{last} are finished but the weights after batch "
-                                            f"{last} ({path}) are missing; rerun with overwrite=True to start over")
-                tensors, meta = load_tensors(path)                # CorruptFile if damaged: never resume from it
-                if meta.get("fingerprint") != fp or meta.get("base_model") != base_key:
-                    raise ValueError(f"{path} belongs to another configuration or base model")
-                _restore(adapter, {l: tensors[f"layer.{l}"] for l in cfg.layers})
-            for b, recs in enumerate(batches):
-                if b in done: continue
-                if over_budget(len(recs)): stopped = "time budget"; break
-                bar.set_description(cfg.name)
-                tb = time.perf_counter()
-                key_now = None if value_cache is None else base_key if not sequential or b == 0 else model_key(model)
-                before = _snapshot(adapter, cfg.layers) if sequential else {l: snap[l] for l in cfg.layers}
-                es = _run_batch(model, tok, cfg, hp, recs, stats=stats, templates=templates, cache=value_cache,
-                                adapter=adapter, hook=hook, key_now=key_now)
-                t_edit = time.perf_counter() - tb
-                try:
-                    diag = _edit_diag(es, adapter, before, cfg.layers)
-                    if sequential:
-                        diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
-                            float((adapter.read_weight(l).double() - snap[l].double()).norm()) ** 2
-                            for l in cfg.layers)))
-                    te = time.perf_counter()
-                    last_batch = b == len(batches) - 1
-                    ev = ([r for bb in batches[:b + 1] for r in bb] if sequential and (sequential_eval == "all" or last_batch)
-                          else recs)
-                    run = evaluate(model, tok, ev, batch_size=eval_batch_size)
-                    t_eval = time.perf_counter() - te
-                finally:
-                    if not sequential:
-                        for e in reversed(es): e.revert()
-                        _check_restored(adapter, {l: snap[l] for l in cfg.layers}, f"{cfg.name} batch {b}")
-                result = {"format": BATCH_FORMAT, "fingerprint": fp, "config": {**cfg.to_dict(),
-                          "emmet_lambda": hp.emmet_lambda if cfg.method == "emmet" else None,
-                          "sequential_eval": sequential_eval if sequential else None},
-                          "batch": b, "case_ids": [r.case_id for r in recs], "evaluated_after_edits": len(ev),
-                          "records": _slim_records(run), "diagnostics": diag,
-                          "seconds": {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
-                                      "edit": t_edit, "eval": t_eval, "total": time.perf_counter() - tb}}
-                if sequential:                                # weights first, then the result that points to them
-                    save_tensors(sdir / f"after_{b:05d}.safetensors",
-                                 {f"layer.{l}": adapter.read_weight(l) for l in cfg.layers},
-                                 {"fingerprint": fp, "base_model": base_key, "batch": b})
-                write_json_atomic(cdir / f"batch_{b:05d}.json", result)
-                if sequential and b > 0: (sdir / f"after_{b - 1:05d}.safetensors").unlink(missing_ok=True)
-                n_new += 1
-                done_secs += result["seconds"]["total"]; done_edits += len(recs)
-                bar.update(len(recs))
-                es_mean = [r["metrics"].get("efficacy_score") for r in result["records"]]
-                es_mean = [v for v in es_mean if v is not None]
-                bar.set_postfix(ES=f"{100 * np.mean(es_mean):.0f}" if es_mean else "-",
-                                dW=f"{float(diag['delta_norm']):.3g}")
-                if on_batch is not None: on_batch(result)
-            if sequential: _restore(adapter, {l: snap[l] for l in cfg.layers})
-    finally:
-        _restore(adapter, snap)                               # whatever happened, the caller gets the unedited model
-        bar.close()
-    seconds["batches"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_start
-    n_done = n_existing + n_new
-    if stopped and log: log(f"sweep stopped ({stopped}) after {n_done}/{n_total} batches; rerun to continue")
-    return SweepRun(out_dir, n_done == n_total, stopped, n_total, n_existing, n_new, skipped, seconds,
-                    repr(value_cache) if value_cache is not None else "")
+    with timer("total"):
+        with timer("stats"):
+            stats, all_layers = _sweep_stats(model, tok, grid, stats, corpus, stats_cache, adapter, seed, progress)
+        with timer("templates"): _sweep_templates(model, tok, grid)
+        identity = {"model": model_key(model), "tokenizer": tokenizer_fingerprint(tok)}
+        eval_settings = {"batch_size": eval_batch_size, "suites": "default", "generation": False}
+        with timer("pre_eval"): _pre_evaluation(model, tok, records, out_dir, identity, eval_settings, overwrite)
+        for p in grid: _plan(p, out_dir, identity, _stats_digest(stats, all_layers), eval_settings, sequential_eval, overwrite)
+        n_total, n_existing = sum(len(p.batches) for p in grid), sum(len(p.done) for p in grid)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(r) for p in grid for r in p.batches), unit="edit", disable=not progress,
+                   initial=sum(len(r) for p in grid for b, r in enumerate(p.batches) if b in p.done),
+                   dynamic_ncols=True, desc="sweep")
+        loop = _SweepLoop(model, tok, adapter, out_dir, stats, value_cache, identity["model"],
+                          _snapshot(adapter, all_layers), sequential_eval, eval_batch_size, budget, bar, on_batch)
+        with timer("values"):
+            if value_cache is not None and not sequential:
+                loop.stopped = _precompute_values(model, tok, grid, value_cache, adapter, identity["model"], budget,
+                                                  bar, progress)
+        try:
+            with timer("batches"):
+                for p in grid:
+                    if loop.stopped: break
+                    loop.run(p)
+        finally:
+            _restore(adapter, loop.snap)                  # whatever happened, the caller gets the unedited model
+            bar.close()
+    n_done = n_existing + loop.n_new
+    if loop.stopped and log: log(f"sweep stopped ({loop.stopped}) after {n_done}/{n_total} batches; rerun to continue")
+    return SweepRun(out_dir, n_done == n_total, loop.stopped, n_total, n_existing, loop.n_new, skipped,
+                    dict(timer.times), repr(value_cache) if value_cache is not None else "")
 
 # %% ../nbs/12_sweep.ipynb #a0ce20f8
 METHOD_COLORS = {"emmet": "tab:blue", "memit": "tab:orange", "rome": "tab:green"}
@@ -741,63 +780,24 @@ def plot_diagnostics(results: SweepResults, title: str | None = None):
     return fig
 
 # %% ../nbs/12_sweep.ipynb #fc021671
-def _ints(s: str) -> list[int]:
-    try: return [int(x) for x in str(s).split(",") if x.strip()]
-    except ValueError: raise ValueError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def sweep_from_args(args, out=print) -> SweepRun:
-    "Run `unifiededit sweep` with arguments parsed by `unifiededit.cli.build_parser` (chapter 11)."
-    from unifiededit.data import load_dataset
-    from unifiededit.pretrained import cache_root, load_pretrained
-    from unifiededit.stats import default_corpus
-    if args.n_records is not None and args.n_records < 1: raise ValueError(f"--n-records must be >= 1, got {args.n_records}")
-    b1 = None if str(args.emmet_lambda_b1).lower() == "same" else float(args.emmet_lambda_b1)
-    ds = load_dataset(args.data)
-    n = min(args.n_records or len(ds), len(ds))
-    records = ds.sample(n, seed=args.seed)
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache_root()
-    model, tok = load_pretrained(args.model, device=args.device, cache_dir=root / "models")
-    out(f"{args.model} on {next(model.parameters()).device}; {n} records from {args.data}")
-    layers = default_layer_modes(model)
-    if args.single_layer is not None: layers["single"] = [args.single_layer]
-    if args.multi_layers: layers["multi"] = _ints(args.multi_layers)
-    overrides = {"seed": args.seed}
-    if args.n_tokens is not None: overrides["mom2_n_tokens"] = args.n_tokens
-    if args.mom2_update_weight is not None: overrides["mom2_update_weight"] = args.mom2_update_weight
-    if args.emmet_lambda is not None: overrides["emmet_lambda"] = args.emmet_lambda
-    n_tok = overrides.get("mom2_n_tokens", HParams().mom2_n_tokens)
-    corpus = default_corpus(model, tok, path=args.corpus, n_tokens=n_tok if isinstance(n_tok, int) else None,
-                            seed=args.seed, verbose=not args.quiet)
-    try:
-        run = run_sweep(model, tok, records, args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                        batch_sizes=_ints(args.batch_sizes),
-                        layer_modes=[m.strip() for m in args.layer_modes.split(",") if m.strip()], layers=layers,
-                        sequential=args.sequential, sequential_eval=args.sequential_eval, corpus=corpus,
-                        stats_cache=root / "stats", value_cache=root / "values", overrides=overrides, emmet_lambda_b1=b1,
-                        max_batches=args.max_batches, time_budget=None if args.time_budget is None else 60 * args.time_budget,
-                        eval_batch_size=args.eval_batch_size, seed=args.seed, overwrite=args.overwrite,
-                        progress=not args.quiet, log=out)
-    except KeyboardInterrupt:
-        out(f"interrupted: the finished batches are saved in {args.out}; run the same command again to continue")
-        raise SystemExit(130) from None
+def report_sweep(run: SweepRun, out: Callable = print, plot: str | os.PathLike | None = None) -> None:
+    "Print `run`'s results (and save the score and diagnostics plots to `plot` and `*_diagnostics` beside it)."
     res = run.results()
     summ = res.summary()
     if not summ.empty:
-        cols = ["config", "n_records", *SCORE_METRICS, "overall_score", "delta_norm", "cond_gram"]
-        t = summ[cols].copy()
+        t = summ[["config", "n_records", *SCORE_METRICS, "overall_score", "delta_norm", "cond_gram"]].copy()
         for c in (*SCORE_METRICS, "overall_score"): t[c] = (100 * t[c]).round(1)
         out(t.to_string(index=False))
     bad = res.nonfinite_report()
     if len(bad): out(f"{len(bad)} non-finite metric value(s), excluded from the means:\n{bad.to_string(index=False)}")
     for name, why in run.skipped: out(f"skipped {name}: {why}")
     out(f"{run.n_new} batch(es) run, {run.n_existing} already finished, {run.n_batches} in all; "
-        f"{run.seconds.get('total', 0):.0f} s; results in {run.out_dir}" + ("" if run.complete else " (incomplete: rerun to continue)"))
-    if args.plot and not summ.empty:
+        f"{run.seconds.get('total', 0):.0f} s; results in {run.out_dir}"
+        + ("" if run.complete else " (incomplete: rerun to continue)"))
+    if plot and not summ.empty:
         import matplotlib
         matplotlib.use("Agg")
-        plot_sweep(res).savefig(args.plot, dpi=120)
-        pth = Path(args.plot)
-        plot_diagnostics(res).savefig(pth.with_name(pth.stem + "_diagnostics" + pth.suffix), dpi=120)
-        out(f"plots: {args.plot}")
-    return run
+        plot_sweep(res).savefig(plot, dpi=120)
+        plot = Path(plot)
+        plot_diagnostics(res).savefig(plot.with_name(plot.stem + "_diagnostics" + plot.suffix), dpi=120)
+        out(f"plots: {plot}")

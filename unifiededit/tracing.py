@@ -39,7 +39,7 @@ def check_kind(kind: str) -> str:
                          "or the attention output)")
     return kind
 
-
+# %% ../nbs/13_tracing.ipynb #4cc23e04
 def locate_subject(tok, prompt: str, subject: str) -> tuple[str, list[int], tuple[int, int]]:
     """`(text, input_ids, (b, e))`: the prompt text (template `{}` filled with `subject`), its token ids (special
     tokens included) and the range $[b, e)$ of tokens overlapping the subject.
@@ -96,7 +96,7 @@ def noise_scale(model, tok, subjects: Sequence[str], factor: float = 3.0, adapte
     if not (isinstance(factor, (int, float)) and factor > 0): raise ValueError(f"factor must be > 0, got {factor!r}")
     return factor * embedding_std(model, tok, subjects, adapter)
 
-
+# %% ../nbs/13_tracing.ipynb #c078193a
 def make_noise(n_samples: int, n_tokens: int, d: int, scale: float, seed: int = 0) -> torch.Tensor:
     """(n_samples, n_tokens, d) float64 Gaussian noise of standard deviation `scale`, from a CPU generator seeded with
     `seed` (the global random state is untouched).
@@ -121,7 +121,7 @@ def _call_block(block, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tens
     out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
     return main_tensor(out)
 
-
+# %% ../nbs/13_tracing.ipynb #3ce6343a
 class LayerRunner:
     """One prompt's clean forward pass, recorded so that batches of hidden states can be run on from any layer.
 
@@ -205,7 +205,7 @@ def _restore_edit(packed: dict):
         return out.index_put((rows.to(out.device), pos.to(out.device)), vals.to(out.device, out.dtype))
     return edit
 
-
+# %% ../nbs/13_tracing.ipynb #bf3ec57f
 def _check_restorations(restorations, T: int, L: int) -> list[list[tuple[int, str, int]]]:
     specs = []
     for r in restorations:
@@ -219,7 +219,7 @@ def _check_restorations(restorations, T: int, L: int) -> list[list[tuple[int, st
         specs.append(spec)
     return specs
 
-
+# %% ../nbs/13_tracing.ipynb #57a5f9f4
 @torch.no_grad()
 def trace_with_patch(runner: LayerRunner, subject_range: tuple[int, int], answer_id: int, restorations,
                      noise: torch.Tensor, batch_rows: int = 512, progress: bool = False) -> tuple[torch.Tensor, float]:
@@ -280,7 +280,7 @@ def window_layers(layer: int, n_layers: int, window: int = 10) -> list[int]:
     if not 0 <= layer < n_layers: raise ValueError(f"layer {layer} outside 0..{n_layers - 1}")
     return list(range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)))
 
-
+# %% ../nbs/13_tracing.ipynb #42bf9a7f
 @dataclass
 class TraceResult:
     "The causal trace of one fact: restored probabilities per kind, token and layer, and how they were obtained."
@@ -321,7 +321,7 @@ class TraceResult:
                 f"p clean {self.high_score:.3f} / corrupted {self.low_score:.3f}, kinds {self.kinds}, "
                 f"{self.samples} samples, window {self.window})")
 
-
+# %% ../nbs/13_tracing.ipynb #8966642c
 def _answer_id(tok, text: str, answer, clean_probs: torch.Tensor) -> int:
     if answer is None: return int(clean_probs.argmax())
     if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool): return int(answer)
@@ -330,7 +330,7 @@ def _answer_id(tok, text: str, answer, clean_probs: torch.Tensor) -> int:
     ids, n = encode_pair(tok, text, answer)
     return ids[n]
 
-
+# %% ../nbs/13_tracing.ipynb #a900536d
 @torch.no_grad()
 def trace_fact(model, tok, prompt: str, subject: str, *, noise: float, answer: str | int | None = None,
                kinds: Sequence[str] = KINDS, samples: int = 10, window: int = 10, seed: int = 0,
@@ -390,7 +390,7 @@ def as_fact(x) -> tuple[str, str, str | None, Any]:
     raise TypeError(f"cannot read a fact from {type(x).__name__}: {x!r}; use an EditRecord, a CounterFact dict or "
                     "(prompt, subject[, answer])")
 
-
+# %% ../nbs/13_tracing.ipynb #660dbe77
 def known_facts(model, tok, records: Sequence[EditRecord], batch_size: int = 32) -> list[EditRecord]:
     "The records whose `target_true`'s first token is the model's top-1 next token after the rewrite prompt."
     records = [r for r in records]
@@ -399,7 +399,7 @@ def known_facts(model, tok, records: Sequence[EditRecord], batch_size: int = 32)
     scores = score_targets(model, tok, [(r.rewrite_prompt, r.target_true) for r in records], batch_size)
     return [r for r, s in zip(records, scores) if s.token_correct[0]]
 
-
+# %% ../nbs/13_tracing.ipynb #2a5950bc
 def trace_facts(model, tok, facts: Sequence, *, noise: float | None = None, noise_factor: float = 3.0,
                 kinds: Sequence[str] = KINDS, samples: int = 10, window: int = 10, seed: int = 0,
                 tokens: Sequence[int] | str | None = None, batch_rows: int = 512, progress: bool = True) -> list[TraceResult]:
@@ -417,7 +417,7 @@ def trace_facts(model, tok, facts: Sequence, *, noise: float | None = None, nois
                               case_id=case_id))
     return out
 
-
+# %% ../nbs/13_tracing.ipynb #b42a453f
 _FORMAT = "unifiededit.TraceResults/1"
 
 
@@ -472,7 +472,7 @@ def token_categories(result: TraceResult) -> list[int]:
         else: cats.append(3 if i == e else 4)
     return cats
 
-
+# %% ../nbs/13_tracing.ipynb #015234f9
 @dataclass
 class AverageEffect:
     "Indirect effects of one kind averaged over facts."
@@ -492,7 +492,7 @@ class AverageEffect:
         ci = [mean_ci(self.last_subject[:, l], level) for l in range(self.last_subject.shape[1])]
         return np.array([c[0] for c in ci]), np.array([c[1] for c in ci])
 
-
+# %% ../nbs/13_tracing.ipynb #b07506f0
 def average_effect(results: Sequence[TraceResult], kind: str = "mlp") -> AverageEffect:
     "Average the indirect effect of `kind` over `results` by token category (ROME's Figure 2) and at the last subject token."
     results = list(results)
@@ -515,7 +515,7 @@ def average_effect(results: Sequence[TraceResult], kind: str = "mlp") -> Average
     return AverageEffect(kind, TOKEN_CATEGORIES, mean, counts, last,
                          float(np.mean([r.low_score for r in results])), float(np.mean([r.high_score for r in results])))
 
-
+# %% ../nbs/13_tracing.ipynb #80f0b266
 def layers_from_trace(trace, n: int = 1, kind: str = "mlp") -> list[int]:
     """The edit layer(s): the peak $l^\\star$ of the average indirect effect of `kind` at the last subject token
     (`n=1`, ROME), or `n` consecutive layers centred on it, clipped to the model (`n>1`, MEMIT/EMMET).
@@ -562,7 +562,7 @@ def _heatmap(ax, values, labels, kind, vmin, title, cbar_label, window):
     cb.ax.set_title(cbar_label, fontsize=8)
     return ax
 
-
+# %% ../nbs/13_tracing.ipynb #20a18cda
 def plot_trace(result: TraceResult, kind: str = "mlp", ax=None):
     "ROME-style heatmap of one fact's trace for `kind`: restored P[answer] per token (rows) and layer (columns)."
     import matplotlib.pyplot as plt
@@ -574,7 +574,7 @@ def plot_trace(result: TraceResult, kind: str = "mlp", ax=None):
     return _heatmap(ax, result.scores[kind], labels, kind, result.low_score, title, f"p({result.answer.strip()})",
                     result.window)
 
-
+# %% ../nbs/13_tracing.ipynb #9b4788bd
 def plot_average(results: Sequence[TraceResult], kind: str = "mlp", ax=None):
     "Average indirect effect of `kind` per token category and layer over `results` (ROME's Figure 2 style)."
     import matplotlib.pyplot as plt
@@ -584,7 +584,7 @@ def plot_average(results: Sequence[TraceResult], kind: str = "mlp", ax=None):
     return _heatmap(ax, np.nan_to_num(avg.mean), labels, kind, 0.0, f"average indirect effect, {kind} ({avg.n_facts} facts)",
                     "AIE", results[0].window)
 
-
+# %% ../nbs/13_tracing.ipynb #e47b9002
 def plot_layer_effect(results: Sequence[TraceResult], kinds: Sequence[str] = KINDS, ax=None, level: float = 0.95):
     "Average indirect effect at the last subject token per layer, one line per kind, with a `level` interval."
     import matplotlib.pyplot as plt

@@ -15,20 +15,20 @@ import torch
 from torch import nn
 
 from .hooks import Trace, add_at_positions, replace_main
-from .keys import (ContextTemplates, EditRequest, check_fits, encode_with_subject, fill, pad_id, pad_right,
-                              target_text)
+from .keys import (ContextTemplates, EditRequest, as_requests, check_fits, encode_with_subject, fill, pad_id,
+                              pad_right, target_text)
 from .models import (PRECISIONS, ModelAdapter, cache_kwarg, eval_mode, execution_device, forward_precision,
                                 output_cache)
-from .store import check_choice, check_int, check_real
+from .store import Config, check_choice, check_int, check_real
 
 # %% auto #0
 __all__ = ['KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompts', 'value_prompts', 'fitting_value_prompts',
            'TargetValues', 'frozen_eval', 'compute_target_values_serial', 'prefix_reuse_unsupported',
            'prefix_reuse_supported', 'compute_target_values']
 
-# %% ../nbs/05_values.ipynb #7641ced6
+# %% ../nbs/05_values.ipynb #f47d6c57
 @dataclass(frozen=True)
-class ValueConfig:
+class ValueConfig(Config):
     """The settings that determine a target value (upstream `compute_z`'s names and defaults).
 
     >>> ValueConfig(v_num_grad_steps=10).replace(v_lr=0.1).v_lr
@@ -51,18 +51,6 @@ class ValueConfig:
         check_real("early_stop_loss", self.early_stop_loss)
         if self.prob_cutoff is not None: check_real("prob_cutoff", self.prob_cutoff)
         check_choice("precision", self.precision, PRECISIONS)
-
-    def replace(self, **changes) -> "ValueConfig": return dataclasses.replace(self, **changes)
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
-
-    @classmethod
-    def of(cls, config: "ValueConfig | None" = None, **changes) -> "ValueConfig":
-        "`config` (default: the defaults) with `changes` applied: how every function here takes its settings."
-        config = cls() if config is None else config
-        if not isinstance(config, cls): raise TypeError(f"config must be a ValueConfig, got {type(config).__name__}")
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
-        if unknown: raise TypeError(f"unknown value setting(s) {unknown}; ValueConfig has {[f.name for f in dataclasses.fields(cls)]}")
-        return config.replace(**changes) if changes else config
 
 # %% ../nbs/05_values.ipynb #b83c6781
 KL_PROMPT = "{} is a"
@@ -121,7 +109,7 @@ def value_prompts(tok, request: EditRequest, templates) -> ValuePrompts:
 
 def fitting_value_prompts(model, tok, requests: Sequence, templates) -> list[ValuePrompts]:
     "`value_prompts` of every request, refused (naming the request) when a row is longer than the model's positions."
-    reqs = [EditRequest.from_any(r) for r in requests]
+    reqs = as_requests(requests)
     prompts = [value_prompts(tok, r, templates) for r in reqs]
     where = [(e, j) for e, vp in enumerate(prompts) for j in range(len(vp.input_ids))]
     check_fits(model, [prompts[e].input_ids[j] for e, j in where],
@@ -158,7 +146,7 @@ class TargetValues:
 
     def __len__(self) -> int: return len(self.delta)
 
-# %% ../nbs/05_values.ipynb #9f34e4da
+# %% ../nbs/05_values.ipynb #956d9827
 HOOKS = ("layer", "rewrite")
 
 
@@ -188,7 +176,7 @@ def _non_finite(request, what: str, value) -> ValueError:
     return ValueError(f"non-finite {what} ({value}) while optimizing the value of {request.text!r} -> "
                       f"{request.target_new!r}: lower v_lr, check the model's dtype (float16 overflows) or the layer")
 
-# %% ../nbs/05_values.ipynb #1d1fe51b
+# %% ../nbs/05_values.ipynb #3cd5f6e4
 def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg: ValueConfig) -> dict:
     "Upstream's `compute_z` loop for one edit; returns its delta, h, losses, probabilities, step count and history."
     device = execution_device(model)
@@ -238,15 +226,14 @@ def _serial_one(model, name: str, tok, vp: "ValuePrompts", req: EditRequest, cfg
                 p0=p0, p1=torch.exp(-nll_each).mean().item(), n=n_steps,
                 hist=hist + [float("nan")] * (cfg.v_num_grad_steps - len(hist)))
 
-# %% ../nbs/05_values.ipynb #82eacedf
+# %% ../nbs/05_values.ipynb #e43afbf1
 def compute_target_values_serial(model, tok, requests: Sequence, layer: int, templates=None, *,
                                  config: ValueConfig | None = None, adapter: ModelAdapter | None = None,
                                  hook: str = "layer", progress: bool = False, **settings) -> TargetValues:
     """The reference: upstream's `compute_z` loop for each edit in turn, with full logits. `settings`: `ValueConfig`
     fields overriding `config`. Same results as `compute_target_values`, only slower."""
     cfg = ValueConfig.of(config, **settings)
-    reqs = [EditRequest.from_any(r) for r in requests]
-    if not reqs: raise ValueError("no edit requests given")
+    reqs = as_requests(requests)
     adapter = adapter or ModelAdapter.from_model(model)
     name = _hook_name(adapter, layer, hook)
     from tqdm.auto import tqdm
@@ -259,7 +246,7 @@ def compute_target_values_serial(model, tok, requests: Sequence, layer: int, tem
                         prob_init=f("p0"), prob_final=f("p1"), n_steps=torch.tensor([o["n"] for o in out]),
                         loss_history=f("hist").T.contiguous(), layer=layer, hook=hook, requests=reqs, path="serial")
 
-# %% ../nbs/05_values.ipynb #bbd393bd
+# %% ../nbs/05_values.ipynb #f7fa9c80
 def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k: int, hid_kl, t_mp):
     """Per-edit NLL (k,), mean target probability (k,), KL-prompt log-probabilities (k, V) and whether every target
     of the MPES prompts is the argmax (k,) of k edits, from final hidden states: hid_t (n_t, d) at the target
@@ -277,7 +264,7 @@ def _value_loss(adapter: ModelAdapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, k
     top1 = torch.zeros(k, device=dev, dtype=fdt).index_add(0, rw_edit[t_row], miss) == 0
     return nll, prob, torch.log_softmax(adapter.logits(hid_kl).to(fdt), -1), top1
 
-# %% ../nbs/05_values.ipynb #a8279c13
+# %% ../nbs/05_values.ipynb #46612abc
 class _ChunkOptimizer:
     "The per-edit Adam trajectories of one chunk of E edits, whatever computes the forward passes (see above)."
     def __init__(self, reqs, cfg: ValueConfig, sync_every: int = 1, bar=None):
@@ -355,7 +342,7 @@ class _ChunkOptimizer:
                     loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
                     hist=self.hist.cpu())
 
-# %% ../nbs/05_values.ipynb #4afba58b
+# %% ../nbs/05_values.ipynb #f0b3c95e
 def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device, head_device):
     "Right-padded batch of the rows of `edits` (indices into `prompts`) and the index tensors the loss needs."
     seqs, subj, row_edit, kl_rows, first_rows, rw_edit = [], [], [], [], [], []
@@ -402,7 +389,7 @@ def _optimize_chunk(model, tok, adapter, name, reqs, prompts, cfg: ValueConfig, 
         if not st.step(it, *out): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #035d4cf6
+# %% ../nbs/05_values.ipynb #3624fab0
 class _Replay(nn.Module):
     """Stands in for a decoder block whose output at the positions being run is known in advance: returns `value`
     (set before each pass) in the container the real block returns (`template`), ignoring its inputs."""
@@ -459,7 +446,7 @@ def prefix_reuse_supported(model) -> bool:
     "Whether the suffix-only path can run `model` (see `prefix_reuse_unsupported` for why not)."
     return prefix_reuse_unsupported(model) is None
 
-# %% ../nbs/05_values.ipynb #705c27f5
+# %% ../nbs/05_values.ipynb #ca323014
 def _suffix_rows(prompts: list[ValuePrompts], pad: int) -> dict:
     """The rows of a chunk for the suffix path. Row r (edit `edit[r]`) is split at its subject's last token s[r]:
     the prefix [0, s) is never recomputed; the suffix [s, s + q) is run at every step — up to the last target
@@ -491,7 +478,7 @@ def _length_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
         cur.append(r); width = max(width, lengths[r])
     return groups + [cur] if cur else groups
 
-# %% ../nbs/05_values.ipynb #65f55ec5
+# %% ../nbs/05_values.ipynb #5230371e
 @torch.no_grad()
 def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: dict, n_edits: int, pad: int,
                   max_tokens: int):
@@ -550,7 +537,7 @@ def _prefix_setup(model, adapter: ModelAdapter, name: str, n_replay: int, rows: 
             replay[gi.to(ra.device)] = ra.gather(1, srcq[..., None].expand(g, Q, ra.shape[-1]))
     return kv, replay, h, template
 
-# %% ../nbs/05_values.ipynb #7befc56c
+# %% ../nbs/05_values.ipynb #c8eeebde
 def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, n_replay: int, n_layers: int,
                  device, head_device) -> dict:
     "The per-step inputs of the suffix path for the chunk edits `edits` (see above)."
@@ -587,7 +574,7 @@ def _suffix_plan(rows: dict, kv: dict, replay, edits: list[int], grouping: str, 
     return dict(edits=list(edits), groups=groups, t_flat=torch.tensor(t_flat), kl_flat=torch.tensor(kl_flat),
                 t_lab=H(t_lab), t_w=H(t_w, torch.float32), t_row=H(t_row), rw_edit=H(rw_edit), t_mp=H(t_mp, torch.bool))
 
-# %% ../nbs/05_values.ipynb #3e3edcea
+# %% ../nbs/05_values.ipynb #4783fbd0
 def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, cfg: ValueConfig, max_tokens: int,
                            grouping: str = "exact", sync_every: int = 1, bar=None):
     """The suffix path: prefixes and the blocks below `n_replay` once (`_prefix_setup`), then at every step only the
@@ -628,7 +615,7 @@ def _optimize_chunk_suffix(model, tok, adapter, name, n_replay, reqs, prompts, c
         if not st.step(it, *out): break
     return st.result()
 
-# %% ../nbs/05_values.ipynb #6cb23424
+# %% ../nbs/05_values.ipynb #106b90b7
 def _value_bytes_per_edit(model, prompts: list[ValuePrompts], n_run: int, suffix: bool, precision: str) -> float:
     """Rough upper bound on the device memory one edit needs during the value optimization: activations kept for the
     backward pass in the `n_run` blocks that run, the prefix KV cache, and the logits of its target positions."""
@@ -652,7 +639,7 @@ def _auto_batch_size(model, prompts, n_run: int, suffix: bool, precision: str, m
     longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)
     return max(1, max_tokens // longest)
 
-# %% ../nbs/05_values.ipynb #bbbc9286
+# %% ../nbs/05_values.ipynb #64f96e19
 def compute_target_values(model, tok, requests: Sequence, layer: int, templates=None, *,
                           config: ValueConfig | None = None, adapter: ModelAdapter | None = None, hook: str = "layer",
                           batch_size: int | None = None, max_tokens: int = 8192, reuse_prefix: bool | None = None,
@@ -675,8 +662,7 @@ def compute_target_values(model, tok, requests: Sequence, layer: int, templates=
     torch.Size([1, 64])
     """
     cfg = ValueConfig.of(config, **settings)
-    reqs = [EditRequest.from_any(r) for r in requests]
-    if not reqs: raise ValueError("no edit requests given")
+    reqs = as_requests(requests)
     if batch_size is not None: check_int("batch_size", batch_size, low=1)
     check_int("max_tokens", max_tokens, low=1)
     adapter = adapter or ModelAdapter.from_model(model)
