@@ -6,7 +6,8 @@ from _common import Clock, table
 
 from unifiededit.editing import edit
 from unifiededit.hparams import HParams
-from unifiededit.stats import collect_key_stats, file_corpus
+from unifiededit.corpus import file_corpus
+from unifiededit.stats import collect_key_stats
 
 PHASES = ("stats", "templates", "values", "keys", "solve", "write")
 

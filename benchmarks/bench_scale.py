@@ -23,7 +23,8 @@ from _common import Clock, PeakMemory, matmul_rate, ratio, table
 
 from unifiededit.hparams import HParams
 from unifiededit.keys import ContextTemplates, compute_keys
-from unifiededit.values import compute_target_values, compute_target_values_serial, value_prompts
+from unifiededit.batched_values import compute_target_values
+from unifiededit.values import compute_target_values_serial, value_prompts
 
 
 def _flops_per_eval(model, tok, reqs, layer, tmpl, hook, precision) -> float:
@@ -170,8 +171,10 @@ def llama7b(tok, reqs, wiki, device, cfg: dict, log=print) -> dict:
 def sweep(model, tok, records, wiki, device, cfg: dict, log=print) -> dict:
     "cfg: n_records, stats_tokens, methods. One batch of all the records per method, single layer, with evaluation."
     import tempfile
-    from unifiededit.stats import collect_key_stats, file_corpus
+    from unifiededit.corpus import file_corpus
+    from unifiededit.stats import collect_key_stats
     from unifiededit.sweep import run_sweep
+    from unifiededit.sweep_results import load_sweep
     recs = list(records)[:cfg["n_records"]]
     hp = HParams.for_model(model, "emmet")
     with Clock(device) as cs:
@@ -179,7 +182,7 @@ def sweep(model, tok, records, wiki, device, cfg: dict, log=print) -> dict:
     with tempfile.TemporaryDirectory() as d, Clock(device) as c:
         run = run_sweep(model, tok, recs, f"{d}/out", methods=cfg["methods"], batch_sizes=[len(recs)],
                         layer_modes=["single"], stats=stats, value_cache=f"{d}/values", progress=False, log=log)
-        summ = run.results().summary()
+        summ = load_sweep(run.out_dir).summary()
     res = dict(n_records=len(recs), seconds_stats=cs.wall, seconds_sweep=c.wall, sweep_seconds=run.seconds,
                methods={r["method"]: {m: r[m] for m in ("efficacy_score", "paraphrase_score", "neighborhood_score",
                                                         "delta_norm", "cond_gram")} for _, r in summ.iterrows()})

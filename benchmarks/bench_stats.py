@@ -10,7 +10,8 @@ from _common import Clock, ratio, table
 from unifiededit.hooks import Trace
 from unifiededit.hparams import HParams
 from unifiededit.models import ModelAdapter
-from unifiededit.stats import KeyStatsCollector, _block_edges, add_gram_upper, file_corpus, token_batches
+from unifiededit.corpus import file_corpus, token_batches
+from unifiededit.stats import KeyStatsCollector, _block_edges, add_gram_upper
 
 
 def _truncated_forward(model, adapter, layer: int, batches, device):

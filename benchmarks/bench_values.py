@@ -9,7 +9,8 @@ from _common import Clock, ratio, table
 
 from unifiededit.hparams import HParams
 from unifiededit.keys import ContextTemplates
-from unifiededit.values import compute_target_values, compute_target_values_serial, value_prompts
+from unifiededit.batched_values import compute_target_values
+from unifiededit.values import compute_target_values_serial, value_prompts
 
 
 def count_flops(fn) -> float:

@@ -175,7 +175,8 @@ def scale_suites(a, size, cfg, only, data, wiki, device, res, record, log):
     import bench_scale
     from unifiededit.data import load_dataset
     from unifiededit.pretrained import load_pretrained
-    from unifiededit.stats import collect_key_stats, file_corpus
+    from unifiededit.corpus import file_corpus
+    from unifiededit.stats import collect_key_stats
     from unifiededit.hparams import HParams
     cf = data / "counterfact"
     records = load_dataset([cf / "easyedit-counterfact-edit.json", cf / "easyedit-counterfact-train.json"]).sample(

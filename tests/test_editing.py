@@ -7,7 +7,8 @@ import torch
 import unifiededit as ue
 from unifiededit.keys import ContextTemplates, compute_keys
 from unifiededit.models import TINY_FAMILIES, ModelAdapter, _TINY_TEXT, tiny_model, tiny_tokenizer
-from unifiededit.stats import collect_key_stats, model_sampled_corpus
+from unifiededit.corpus import model_sampled_corpus
+from unifiededit.stats import collect_key_stats
 
 # Subject-final prompts: random attention all but erases information travelling from the subject to the last token,
 # so on random models an edit is only observable where the prediction is made (see the editing chapter).

@@ -1,5 +1,5 @@
-"""Tests of unifiededit.metrics: batched scoring against an independent one-at-a-time computation, metric
-definitions on hand-made probabilities, generation, summaries, and non-finite reporting."""
+"""Tests of unifiededit.scores and unifiededit.metrics: batched scoring against an independent one-at-a-time
+computation, metric definitions on hand-made probabilities, generation, summaries, and non-finite reporting."""
 import json
 import math
 
@@ -9,10 +9,10 @@ import torch
 
 import unifiededit.metrics as M
 from unifiededit.data import EditDataset, EditRecord, TfidfStats, load_counterfact, load_easyedit_counterfact, load_zsre
-from unifiededit.metrics import (EditEvaluation, TargetScore, encode_pair, evaluate, generation_entropy,
-                                 harmonic_mean, mean_ci, ngram_entropy, prediction_agreement, prob_magnitude,
-                                 prob_success, sample_generations, score_targets, student_t_quantile,
-                                 tfidf_similarity, token_accuracy, word_tokenize)
+from unifiededit.metrics import (EditEvaluation, evaluate, generation_entropy, ngram_entropy, sample_generations,
+                                 tfidf_similarity, word_tokenize)
+from unifiededit.scores import (TargetScore, encode_pair, harmonic_mean, mean_ci, prediction_agreement, prob_magnitude,
+                                prob_success, score_targets, student_t_quantile, token_accuracy)
 from unifiededit.models import tiny_model, tiny_tokenizer
 
 FAMILIES = [("gpt2", "bpe"), ("llama", "sentencepiece")]

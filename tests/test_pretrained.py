@@ -6,6 +6,7 @@ real SmolLM2 wheel through the cache (a cold cache converts the GGUF: 20-60 s; a
 import hashlib
 import json
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from unifiededit.gguf_convert import write_tiny_gguf
 from unifiededit.pretrained import (PRETRAINED, GGUFWheel, cached_dir, content_sha256, default_model_cache_dir,
-                                    greedy_generate, gguf_wheel_files, load_pretrained, probe_facts,
-                                    read_manifest, verify_cache_dir, write_tiny_gguf, answer_matches)
+                                    greedy_generate, gguf_wheel_files, hub_reachable, load_pretrained, probe_facts,
+                                    read_manifest, verify_cache_dir, answer_matches)
 from unifiededit.store import model_fingerprint
 
 
@@ -237,6 +239,38 @@ def test_hub_id_unreachable_gives_clear_error(monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)     # no network attempt at all
     with pytest.raises(OSError, match="unifiededit-test/no-such-model"):
         load_pretrained("unifiededit-test/no-such-model")
+
+
+@pytest.fixture
+def online(monkeypatch):
+    "No offline mode and no proxy, whatever this machine's environment says."
+    import huggingface_hub.constants as hc
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    return hc
+
+
+def test_hub_reachable_probes_the_endpoint(online, monkeypatch):
+    with socket.socket() as srv:                                    # a local "hub": listening ...
+        srv.bind(("127.0.0.1", 0)); srv.listen()
+        endpoint = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        monkeypatch.setattr(online, "ENDPOINT", endpoint)
+        assert hub_reachable(1.0) == (True, "reachable")
+    ok, why = hub_reachable(1.0)                                    # ... then closed: the connection is refused
+    assert not ok and endpoint in why
+
+
+def test_hub_reachable_offline_and_proxy(online, monkeypatch):
+    monkeypatch.setattr(online, "ENDPOINT", "http://127.0.0.1:9")   # never contacted below
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert hub_reachable() == (True, "cannot probe through a proxy")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")                 # offline wins over the proxy
+    assert hub_reachable() == (False, "offline mode is set (TRANSFORMERS_OFFLINE)")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(online, "HF_HUB_OFFLINE", True)             # set before huggingface_hub was imported
+    ok, why = hub_reachable()
+    assert not ok and "offline" in why
 
 
 # ---------------------------------------------------------------- generation

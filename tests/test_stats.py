@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from unifiededit.models import ModelAdapter, tiny_model, tiny_tokenizer, TINY_FAMILIES
-from unifiededit.stats import (Corpus, KeyStats, KeyStatsCollector, LayerStats, StatsCache, as_corpus, collect_key_stats,
-                               default_corpus, file_corpus, model_sampled_corpus, resolve_n_tokens,
-                               special_prefix, text_corpus, token_batches)
+from unifiededit.corpus import (Corpus, as_corpus, default_corpus, file_corpus, model_sampled_corpus, special_prefix,
+                                text_corpus, token_batches)
+from unifiededit.stats import KeyStats, KeyStatsCollector, LayerStats, StatsCache, collect_key_stats, resolve_n_tokens
 
 SENTENCES = ["The Eiffel Tower is located in the city of Paris.", "Toronto is a city in Canada.",
              "Berlin is the capital of Germany, and Madrid of Spain.", "Michael Jordan is a professional basketball player.",

@@ -10,13 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unifiededit.sweep as sw
+from unifiededit.store import tokenizer_fingerprint
+from unifiededit.sweep_results import load_sweep
+from unifiededit.value_cache import ValueCache, cached_target_values, model_key
 from unifiededit.data import EditRecord
 from unifiededit.editing import edit
 from unifiededit.hparams import HParams
 from unifiededit.keys import ContextTemplates
 from unifiededit.models import _TINY_TEXT, ModelAdapter, tiny_model, tiny_tokenizer
 from unifiededit.stats import collect_key_stats
-from unifiededit.values import compute_target_values
+from unifiededit.batched_values import compute_target_values
 
 STEPS = 6                      # Adam steps per target value: enough to move, fast on a tiny model
 LAYER = 1                      # HParams.for_model(tiny llama, 'emmet').layers == [1]
@@ -159,22 +162,22 @@ def test_value_cache_hit_is_identical_and_corrupt_entry_is_recomputed(setup, tmp
     hp = emmet_hp(m)
     reqs = [r.request for r in make_records(3)]
     tmpl = ContextTemplates([["{}"], ["A fact. {}"]])
-    cache = sw.ValueCache(tmp_path)
-    tv1 = sw.cached_target_values(m, t, reqs, LAYER, tmpl, hp, hook="rewrite", cache=cache)
+    cache = ValueCache(tmp_path)
+    tv1 = cached_target_values(m, t, reqs, LAYER, tmpl, hp.value_config, hook="rewrite", cache=cache)
     direct = compute_target_values(m, t, reqs, LAYER, tmpl, hook="rewrite", v_num_grad_steps=STEPS, progress=False)
     for k in ("delta", "h", "loss_history", "prob_final", "n_steps"):
         assert torch.equal(getattr(tv1, k), getattr(direct, k)), k
     assert (cache.computed, cache.hits) == (3, 0)
 
-    tv2 = sw.cached_target_values(m, t, reqs, LAYER, tmpl, hp, hook="rewrite", cache=cache)
+    tv2 = cached_target_values(m, t, reqs, LAYER, tmpl, hp.value_config, hook="rewrite", cache=cache)
     assert (cache.computed, cache.hits) == (3, 3)
     for k in ("delta", "h", "loss_init", "loss_final", "nll_final", "kl_final", "prob_init", "prob_final",
               "n_steps", "loss_history"):
         assert torch.equal(getattr(tv2, k), getattr(tv1, k)), k
     assert [r.subject for r in tv2.requests] == [r["subject"] for r in reqs]
 
-    key = lambda r, **kw: cache.key(sw.model_key(m), sw.tokenizer_fingerprint(t), r, kw.get("layer", LAYER),
-                                    "rewrite", kw.get("tmpl", tmpl), kw.get("hp", hp))
+    key = lambda r, **kw: cache.key(model_key(m), tokenizer_fingerprint(t), r, kw.get("layer", LAYER),
+                                    "rewrite", kw.get("tmpl", tmpl), kw.get("hp", hp).value_config)
     p0, p1 = cache.path(key(reqs[0])), cache.path(key(reqs[1]))
     p0.write_bytes(p0.read_bytes()[: p0.stat().st_size // 2])                  # truncated file
     tensors = load_file(str(p1))                                               # well-formed, altered value
@@ -183,12 +186,12 @@ def test_value_cache_hit_is_identical_and_corrupt_entry_is_recomputed(setup, tmp
     with safe_open(str(p1), framework="pt") as f: meta = f.metadata()
     save_file(tensors, str(p1), metadata=meta)
     with pytest.warns(UserWarning, match="target-value cache: unusable entry"):
-        tv3 = sw.cached_target_values(m, t, reqs, LAYER, tmpl, hp, hook="rewrite", cache=cache)
+        tv3 = cached_target_values(m, t, reqs, LAYER, tmpl, hp.value_config, hook="rewrite", cache=cache)
     assert (cache.corrupt, cache.computed) == (2, 5)
     alone = compute_target_values(m, t, reqs[:2], LAYER, tmpl, hook="rewrite", v_num_grad_steps=STEPS, progress=False)
     assert torch.equal(tv3.delta[:2], alone.delta) and torch.equal(tv3.delta[2], tv1.delta[2])
     torch.testing.assert_close(tv3.delta, tv1.delta, rtol=1e-4, atol=1e-5)    # same values up to rounding
-    sw.cached_target_values(m, t, reqs, LAYER, tmpl, hp, hook="rewrite", cache=cache)
+    cached_target_values(m, t, reqs, LAYER, tmpl, hp.value_config, hook="rewrite", cache=cache)
     assert cache.corrupt == 2 and cache.computed == 5                          # the rewritten entries are sound
 
     # everything a value depends on is in the key
@@ -197,7 +200,7 @@ def test_value_cache_hit_is_identical_and_corrupt_entry_is_recomputed(setup, tmp
     assert key(reqs[0]) != key(reqs[0], tmpl=ContextTemplates([["{}"]]))
     m2 = copy.deepcopy(m)
     with torch.no_grad(): rewrite_weight(m2).add_(1e-3)
-    assert sw.model_key(m2) != sw.model_key(m)
+    assert model_key(m2) != model_key(m)
 
 
 def test_edit_accepts_precomputed_values(setup):
@@ -235,7 +238,8 @@ def test_weights_restored_bit_exactly_between_batches(setup, tmp_path):
     # the last batch's update is exactly that of record 2 alone on the unedited model (nothing left over)
     hp = emmet_hp(m, emmet_lambda=0.0)
     tmpl = ContextTemplates.generate(m, t, hp.context_template_length_params, seed=0)
-    tv = sw.cached_target_values(m, t, [recs[2].request], LAYER, tmpl, hp, hook="rewrite", cache=tmp_path / "values")
+    tv = cached_target_values(m, t, [recs[2].request], LAYER, tmpl, hp.value_config, hook="rewrite",
+                              cache=tmp_path / "values")
     e = edit(m, t, [recs[2].request], hparams=hp, stats=st, templates=tmpl, values=tv, progress=False)
     expected = float((rewrite_weight(m).double() - w0[_rewrite_name(m)].double()).norm())
     e.revert()
@@ -283,7 +287,7 @@ def test_sequential_mode_accumulates_and_resumes(setup, tmp_path, monkeypatch):
     tmpl = ContextTemplates.generate(m, t, hp.context_template_length_params, seed=0)
     for b in range(3):
         with torch.no_grad(): rewrite_weight(m).copy_(W[b])
-        tv = sw.cached_target_values(m, t, [recs[b].request], LAYER, tmpl, hp, hook="rewrite",
+        tv = cached_target_values(m, t, [recs[b].request], LAYER, tmpl, hp.value_config, hook="rewrite",
                                      cache=tmp_path / "values")
         e = edit(m, t, [recs[b].request], hparams=hp, stats=st, templates=tmpl, values=tv, progress=False)
         assert torch.equal(rewrite_weight(m), W[b + 1]), f"batch {b} is not the edit of record {b} on batches 0..{b - 1}"
@@ -314,7 +318,7 @@ def test_aggregation_excludes_nonfinite_values_with_a_report(setup, tmp_path):
     m, t, st = setup
     run = sw.run_sweep(m, t, make_records(4), tmp_path / "run",
                        **sweep_kw(st, tmp_path / "values", methods=("emmet",), batch_sizes=(1,)))
-    res = run.results()
+    res = load_sweep(run.out_dir)
     ref = res.summary().set_index("config").loc["emmet-single-B1"]
     vals = [b["records"][0]["metrics"]["efficacy_magnitude"] for b in sorted(res.batches, key=lambda b: b["batch"])]
     # what `evaluate` reports for a record whose logits were non-finite, written the way the sweep writes it
@@ -327,7 +331,7 @@ def test_aggregation_excludes_nonfinite_values_with_a_report(setup, tmp_path):
     assert b["records"][0]["metrics"]["efficacy_magnitude"] is None
     sw.write_json_atomic(path, b)
 
-    res = sw.load_sweep(tmp_path / "run")
+    res = load_sweep(tmp_path / "run")
     s = res.summary().set_index("config").loc["emmet-single-B1"]
     good = [v for i, v in enumerate(vals) if i != 1]
     assert s["efficacy_magnitude"] == pytest.approx(sum(good) / 3, rel=1e-12)

@@ -8,9 +8,10 @@ from unifiededit.data import EditRecord
 from unifiededit.hooks import Trace
 from unifiededit.hparams import HParams
 from unifiededit.models import TINY_FAMILIES, ModelAdapter, tiny_model, tiny_tokenizer
-from unifiededit.tracing import (KINDS, LayerRunner, TraceResult, average_effect, known_facts, layers_from_trace,
-                                 load_traces, locate_subject, make_noise, noise_scale, save_traces, trace_fact,
-                                 trace_facts, trace_with_patch, window_layers)
+from unifiededit.trace_analysis import (average_effect, known_facts, layers_from_trace, load_traces, save_traces,
+                                        trace_facts)
+from unifiededit.tracing import (KINDS, LayerRunner, TraceResult, locate_subject, make_noise, noise_scale, trace_fact,
+                                 trace_with_patch, window_layers)
 
 PROMPT, SUBJECT = "{} is located in the city of", "The Eiffel Tower"
 _MODULE_KIND = {"block": "layer", "mlp": "mlp", "attn": "attn"}

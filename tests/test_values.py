@@ -1,11 +1,11 @@
-"""Tests for unifiededit.values: target tokens, the value loss, batched vs serial optimization."""
+"""Tests for unifiededit.values and unifiededit.batched_values: target tokens, the value loss, batched vs serial."""
 import pytest
 import torch
 
 from unifiededit.keys import ContextTemplates, EditRequest, fill
 from unifiededit.models import TINY_FAMILIES, ModelAdapter, tiny_model, tiny_tokenizer
-from unifiededit.values import (TargetValues, compute_target_values, compute_target_values_serial,
-                                prefix_reuse_unsupported, target_token_ids, value_prompts)
+from unifiededit.batched_values import compute_target_values, prefix_reuse_unsupported
+from unifiededit.values import TargetValues, compute_target_values_serial, target_token_ids, value_prompts
 
 # initializer_range 0.1: a random model at the usual 0.02 can barely be steered (its logits stay near uniform)
 SETUPS = {"bpe": ("gpt2", "bpe"), "sentencepiece": ("llama", "sentencepiece")}
@@ -346,7 +346,8 @@ def test_precision_options():
 
 def test_chunk_sizes():
     "On a CPU chunks hold ~max_tokens padded tokens; the memory estimate behind GPU chunks favours the suffix path."
-    from unifiededit.values import _auto_batch_size, _value_bytes_per_edit, value_prompts
+    from unifiededit.batched_values import _auto_batch_size, _value_bytes_per_edit
+    from unifiededit.values import value_prompts
     model, tok = setup("sentencepiece")
     prompts = [value_prompts(tok, r, TEMPLATES) for r in REQS]
     longest = max(len(vp.input_ids) * max(map(len, vp.input_ids)) for vp in prompts)

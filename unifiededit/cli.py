@@ -109,8 +109,9 @@ def run_sweep_command(args, out=print):
     "`unifiededit sweep`: `run_sweep` on a sample of `--data`, then `report_sweep`."
     from unifiededit.data import load_dataset
     from unifiededit.pretrained import load_pretrained
-    from unifiededit.stats import default_corpus
-    from unifiededit.sweep import default_layer_modes, report_sweep, run_sweep
+    from unifiededit.corpus import default_corpus
+    from unifiededit.sweep import default_layer_modes, run_sweep
+    from unifiededit.sweep_results import report_sweep
     if args.n_records is not None and args.n_records < 1: raise ValueError(f"--n-records must be >= 1, got {args.n_records}")
     b1 = None if str(args.emmet_lambda_b1).lower() == "same" else float(args.emmet_lambda_b1)
     ds = load_dataset(args.data)
@@ -150,7 +151,8 @@ def run_lifelong_command(args, out=print) -> dict:
     from unifiededit.hparams import HParams
     from unifiededit.lifelong import run_lifelong, text_head
     from unifiededit.pretrained import load_pretrained
-    from unifiededit.stats import collect_key_stats, file_corpus
+    from unifiededit.corpus import file_corpus
+    from unifiededit.stats import collect_key_stats
     ds = load_dataset(args.data)
     records = ds.sample(min(args.n_records, len(ds)), seed=args.seed)
     model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))

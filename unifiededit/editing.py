@@ -22,7 +22,8 @@ from .general import NullSpace, alphaedit_update, encore_update, nullspace, rome
 from .objective import emmet_update, memit_update, rome_update
 from .stats import collect_key_stats
 from .store import load_tensors, model_fingerprint, save_tensors
-from .values import TargetValues, compute_target_values, fitting_value_prompts
+from .batched_values import compute_target_values
+from .values import TargetValues, fitting_value_prompts
 
 # %% auto #0
 __all__ = ['EDIT_FORMAT', 'HISTORY_FORMAT', 'Edit', 'EditHistory', 'Timer', 'edit', 'adapter_names']

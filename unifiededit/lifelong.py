@@ -53,7 +53,7 @@ LIFELONG_FORMAT = "unifiededit.lifelong/1"
 
 def _scores(run, case_ids=None) -> dict:
     "Means (×100) and 95 % half-widths of ES/PS/NS over all records of `run`, or over `case_ids`."
-    from unifiededit.metrics import mean_ci
+    from unifiededit.scores import mean_ci
     out = {}
     for m in ("efficacy_score", "paraphrase_score", "neighborhood_score"):
         vals = [v for c, v in run.values(m).items() if (case_ids is None or c in case_ids) and math.isfinite(v)]

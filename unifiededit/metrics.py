@@ -19,146 +19,14 @@ import numpy as np
 import torch
 
 from .data import AttributeSnippets, EditRecord, TfidfStats
-from .models import cache_kwarg, execution_device, output_cache
+from .models import cache_kwarg, output_cache
+from .scores import (
+    _model_device, harmonic_mean, leading_special_ids, mean_ci, prediction_agreement, prob_magnitude, prob_success,
+    score_targets, token_accuracy)
 
 # %% auto #0
-__all__ = ['METRICS', 'SUITES', 'DEFAULT_SUITES', 'join_target', 'leading_special_ids', 'encode_pair', 'TargetScore',
-           'score_targets', 'prob_success', 'prob_magnitude', 'harmonic_mean', 'word_tokenize', 'ngram_entropy',
-           'generation_entropy', 'Generation', 'sample_generations', 'tfidf_vector', 'tfidf_similarity',
-           'token_accuracy', 'prediction_agreement', 'student_t_cdf', 'student_t_quantile', 'mean_ci', 'EvalRun',
-           'EditEvaluation', 'evaluate']
-
-# %% ../nbs/10_metrics.ipynb #7fe443c9
-def join_target(prompt: str, target: str) -> str:
-    "The text `prompt + ' ' + target`, without doubling a space the prompt or the target already has."
-    sep = "" if (not target or target[0].isspace() or not prompt or prompt[-1].isspace()) else " "
-    return prompt + sep + target
-
-# %% ../nbs/10_metrics.ipynb #27ce1c51
-def leading_special_ids(tok) -> list[int]:
-    "The special tokens the tokenizer puts before any text (e.g. `[BOS]` for Llama, `[]` for GPT-2)."
-    with_, without = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
-    for k in range(len(with_) - len(without) + 1):
-        if list(with_[k:k + len(without)]) == list(without): return list(with_[:k])
-    raise ValueError(f"cannot locate the text tokens {without} inside the encoded {with_} of {type(tok).__name__}")
-
-
-def encode_pair(tok, prompt: str, target: str, lead: list[int] | None = None) -> tuple[list[int], int]:
-    """Token ids of the prompt followed by the target, and the number of prompt tokens `n` (ids[n:] is the target).
-
-    >>> ids, n = encode_pair(tiny_tokenizer('bpe'), 'The Colosseum is located in', 'Rome'); n, len(ids)
-    (8, 9)
-    """
-    lead = leading_special_ids(tok) if lead is None else lead
-    p_ids = lead + list(tok(prompt, add_special_tokens=False)["input_ids"])
-    ids = lead + list(tok(join_target(prompt, target), add_special_tokens=False)["input_ids"])
-    n = 0
-    while n < min(len(p_ids), len(ids)) and p_ids[n] == ids[n]: n += 1   # longest common prefix
-    if n == 0:
-        raise ValueError(f"prompt {prompt!r} gives no token to condition on (empty prompt and no BOS token)")
-    if n == len(ids): raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
-    return ids, n
-
-# %% ../nbs/10_metrics.ipynb #00baf364
-@dataclass(frozen=True)
-class TargetScore:
-    "Teacher-forced scores of one target after one prompt."
-    prompt: str
-    target: str
-    target_ids: tuple[int, ...]
-    token_logprobs: tuple[float, ...]      # log P(o_j | p, o_<j), float64; NaN where logits were not finite
-    predicted_ids: tuple[int, ...]         # argmax at each target position (-1 where logits were not finite)
-
-    @property
-    def finite(self) -> bool: return all(math.isfinite(x) for x in self.token_logprobs)
-    @property
-    def nll(self) -> float:
-        "Mean per-token negative log-likelihood of the target (ROME/MEMIT's `target_new`/`target_true` value)."
-        return -float(np.mean(self.token_logprobs))
-    @property
-    def token_correct(self) -> tuple[bool, ...]:
-        return tuple(p == t for p, t in zip(self.predicted_ids, self.target_ids))
-    @property
-    def token_accuracy(self) -> float:
-        "Fraction of target tokens that are the argmax under teacher forcing (NaN if any logit was not finite)."
-        return float(np.mean(self.token_correct)) if self.finite else float("nan")
-
-# %% ../nbs/10_metrics.ipynb #b44ad6ec
-def _model_device(model) -> torch.device:
-    return execution_device(model)
-
-
-@torch.no_grad()
-def score_targets(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[TargetScore]:
-    """Teacher-forced log-probabilities of each (prompt, target) pair, in `ceil(len(pairs)/batch_size)` forward passes.
-
-    Example: `score_targets(model, tok, [("The Colosseum is located in", "Rome")])[0].nll` is the mean NLL of " Rome".
-    """
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lead = leading_special_ids(tok)
-    enc = [encode_pair(tok, p, t, lead) for p, t in pairs]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-    device, out = _model_device(model), [None] * len(enc)
-    was_training = model.training
-    model.eval()
-    try:
-        for c in range(0, len(order), batch_size):
-            chunk = order[c:c + batch_size]
-            T = max(len(enc[i][0]) for i in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            rows, cols, tgt = [], [], []
-            for b, i in enumerate(chunk):
-                seq, n = enc[i]
-                ids[b, :len(seq)] = torch.tensor(seq); mask[b, :len(seq)] = 1
-                rows += [b] * (len(seq) - n); cols += range(n - 1, len(seq) - 1); tgt += seq[n:]
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits   # (B, T, V)
-            sel = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
-            sel = sel.double()                                                                 # (N_tok, V)
-            ok = torch.isfinite(sel).all(-1)                                                   # (N_tok,)
-            tgt_t = torch.tensor(tgt, device=sel.device)
-            lp = sel.log_softmax(-1).gather(1, tgt_t[:, None])[:, 0]
-            lp = torch.where(ok, lp, torch.full_like(lp, float("nan"))).cpu().tolist()
-            pred = torch.where(ok, sel.argmax(-1), torch.full_like(tgt_t, -1)).cpu().tolist()
-            k = 0
-            for b, i in enumerate(chunk):
-                seq, n = enc[i]; m = len(seq) - n
-                out[i] = TargetScore(pairs[i][0], pairs[i][1], tuple(seq[n:]), tuple(lp[k:k + m]), tuple(pred[k:k + m]))
-                k += m
-    finally:
-        model.train(was_training)
-    return out
-
-# %% ../nbs/10_metrics.ipynb #5c465ba5
-def _finite(xs) -> bool: return all(math.isfinite(x) for x in xs)
-
-
-def prob_success(nll_preferred: Sequence[float], nll_other: Sequence[float]) -> float:
-    "Fraction of prompts where the preferred target is more likely than the other one; NaN if any NLL is not finite."
-    a, b = np.asarray(nll_preferred, dtype=np.float64), np.asarray(nll_other, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two equal-length non-empty 1-D sequences, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()): return float("nan")
-    return float(np.mean(b > a))
-
-
-def prob_magnitude(nll_preferred: Sequence[float], nll_other: Sequence[float]) -> float:
-    "Mean of P(preferred) - P(other), P = exp(-mean per-token NLL); NaN if any NLL is not finite."
-    a, b = np.asarray(nll_preferred, dtype=np.float64), np.asarray(nll_other, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two equal-length non-empty 1-D sequences, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()): return float("nan")
-    return float(np.mean(np.exp(-a) - np.exp(-b)))
-
-# %% ../nbs/10_metrics.ipynb #e3bba7f2
-def harmonic_mean(xs: Sequence[float]) -> float:
-    "Harmonic mean of non-negative values (0 if any is 0; NaN if any is NaN)."
-    xs = [float(x) for x in xs]
-    if not xs: raise ValueError("harmonic_mean of no values")
-    if any(math.isnan(x) for x in xs): return float("nan")
-    if any(x < 0 for x in xs): raise ValueError(f"harmonic_mean needs non-negative values, got {xs}")
-    if any(x == 0 for x in xs): return 0.0
-    return len(xs) / sum(1 / x for x in xs)
+__all__ = ['METRICS', 'SUITES', 'DEFAULT_SUITES', 'word_tokenize', 'ngram_entropy', 'generation_entropy', 'Generation',
+           'sample_generations', 'tfidf_vector', 'tfidf_similarity', 'EvalRun', 'EditEvaluation', 'evaluate']
 
 # %% ../nbs/10_metrics.ipynb #9edf6f57
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
@@ -286,21 +154,6 @@ def tfidf_similarity(text_a: str, text_b: str, stats: TfidfStats) -> float:
     if na == 0 or nb == 0: return float("nan")
     return sum(v * b[k] for k, v in a.items() if k in b) / (na * nb)
 
-# %% ../nbs/10_metrics.ipynb #2c84ab0f
-def token_accuracy(scores: Sequence[TargetScore]) -> float:
-    "Fraction of correct teacher-forced argmax predictions over all target tokens of all `scores` (NaN if any non-finite)."
-    if not scores: raise ValueError("token_accuracy of no scores")
-    if not all(s.finite for s in scores): return float("nan")
-    return float(np.mean([c for s in scores for c in s.token_correct]))
-
-# %% ../nbs/10_metrics.ipynb #d00d65b7
-def prediction_agreement(post: TargetScore, pre: TargetScore) -> float:
-    "EasyEdit's locality: fraction of target positions where post- and pre-edit argmax predictions agree."
-    if post.target_ids != pre.target_ids:
-        raise ValueError(f"pre and post scores are for different targets: {pre.target_ids} vs {post.target_ids}")
-    if not (post.finite and pre.finite): return float("nan")
-    return float(np.mean([a == b for a, b in zip(post.predicted_ids, pre.predicted_ids)]))
-
 # %% ../nbs/10_metrics.ipynb #eabd7bbc
 METRICS = {  # name: (abbreviation, suite)
     "efficacy_score": ("ES", "counterfact"), "paraphrase_score": ("PS", "counterfact"),
@@ -374,55 +227,6 @@ def _easyedit_metrics(r: EditRecord, S: dict, ref: dict | None) -> tuple[dict, d
         why["easyedit_locality"] = "the reference run did not score this record's locality prompts"
     else: vals["easyedit_locality"] = float(np.mean([prediction_agreement(S[x], ref[x]) for x in loc]))
     return vals, why
-
-# %% ../nbs/10_metrics.ipynb #9ef950bd
-def _betainc(a: float, b: float, x: float) -> float:
-    "Regularized incomplete beta I_x(a, b), by the continued fraction (modified Lentz), in float64."
-    if x <= 0: return 0.0
-    if x >= 1: return 1.0
-    if x > (a + 1) / (a + b + 2): return 1.0 - _betainc(b, a, 1.0 - x)
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        if i == 0: num = 1.0
-        elif i % 2 == 0: num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else: num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 + num * d; d = tiny if abs(d) < tiny else d; d = 1.0 / d
-        c = 1.0 + num / c; c = tiny if abs(c) < tiny else c
-        f *= c * d
-        if abs(1.0 - c * d) < 1e-15: break
-    return front * (f - 1.0)
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    if df <= 0: raise ValueError(f"degrees of freedom must be positive, got {df}")
-    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-# %% ../nbs/10_metrics.ipynb #0c9e49f9
-def student_t_quantile(q: float, df: float) -> float:
-    "The q-quantile of Student's t with `df` degrees of freedom (bisection on the CDF, to ~1e-12)."
-    if not 0 < q < 1: raise ValueError(f"q must be in (0, 1), got {q}")
-    if q < 0.5: return -student_t_quantile(1 - q, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < q: hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if student_t_cdf(mid, df) < q else (lo, mid)
-        if hi - lo < 1e-13 * max(1.0, hi): break
-    return (lo + hi) / 2
-
-# %% ../nbs/10_metrics.ipynb #542e0cc0
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    "(mean, half-width of the Student-t `level` CI); the half-width is NaN for fewer than 2 values."
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1 or len(x) == 0: raise ValueError(f"mean_ci needs a non-empty 1-D sequence, got shape {x.shape}")
-    if not np.isfinite(x).all(): raise ValueError("mean_ci got non-finite values: report them, do not average them")
-    if len(x) < 2: return float(x.mean()), float("nan")
-    half = student_t_quantile(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half)
 
 # %% ../nbs/10_metrics.ipynb #0bfb8323
 def _jsonable(v):

@@ -5,10 +5,8 @@
 # %% ../nbs/08_pretrained.ipynb #9605e9d1
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -27,12 +25,13 @@ from urllib.parse import urlparse
 import torch
 import transformers
 
+from .gguf_convert import _CONVERSION, _convert_gguf
 from .models import execution_device
-from .store import cache_root, clean_stale_temps, safe_label, temp_path, write_text_atomic
+from .store import cache_root, clean_stale_temps, safe_label, temp_path, write_json_atomic, write_text_atomic
 
 # %% auto #0
 __all__ = ['PRETRAINED', 'MANIFEST', 'CACHE_FORMAT', 'GGUFWheel', 'gguf_wheel_files', 'default_model_cache_dir', 'content_sha256',
-           'verify_cache_dir', 'read_manifest', 'cached_dir', 'write_tiny_gguf', 'load_pretrained', 'greedy_generate',
+           'verify_cache_dir', 'read_manifest', 'cached_dir', 'hub_reachable', 'load_pretrained', 'greedy_generate',
            'answer_matches', 'probe_facts']
 
 # %% ../nbs/08_pretrained.ipynb #6d838d8c
@@ -136,7 +135,7 @@ def content_sha256(paths: str | os.PathLike | Sequence[str | os.PathLike], memo_
         except (OSError, ValueError):
             pass
     digest = _sha256_files(paths)
-    if memo is not None: write_text_atomic(memo, json.dumps({"files": stats, "sha256": digest}, indent=1))
+    if memo is not None: write_json_atomic(memo, {"files": stats, "sha256": digest})
     return digest
 
 # %% ../nbs/08_pretrained.ipynb #f801a84e
@@ -233,126 +232,6 @@ def cached_dir(root: str | os.PathLike, key: str, build: Callable[[Path], dict |
         raise
     return final
 
-# %% ../nbs/08_pretrained.ipynb #1dffa39b
-def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    "llama.cpp's rotary reordering of the rows of W_q / W_k (the inverse of what the GGUF reader undoes)."
-    d_out = w.shape[0]
-    return w.reshape(n_head, 2, d_out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-# %% ../nbs/08_pretrained.ipynb #0e89ec4a
-_TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("t", "he"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "n"), ("e", "r"),
-                ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("i", "s"), ("Ġ", "is"))
-
-# %% ../nbs/08_pretrained.ipynb #2a9887d8
-def write_tiny_gguf(path: str | os.PathLike, *, seed: int = 0, n_layers: int = 2, d_model: int = 64,
-                    d_mlp: int = 128, n_heads: int = 4, n_kv_heads: int = 2, name: str = "tiny-llama"):
-    """Write a random tiny Llama model with a byte-level BPE tokenizer as an F32 GGUF file at `path`; return the
-    `LlamaForCausalLM` (eval mode, float32) whose weights the file holds — for tests and demos of the GGUF path.
-
-    >>> ref = write_tiny_gguf("/tmp/tiny.gguf", seed=1)   # doctest: +SKIP
-    """
-    import gguf
-    import numpy as np
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import LlamaConfig, LlamaForCausalLM
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + sorted(ByteLevel.alphabet()) + ["".join(m) for m in _TINY_MERGES]
-    head_dim = d_model // n_heads
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=d_model, intermediate_size=d_mlp,
-                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                      head_dim=head_dim, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg).eval()
-        with torch.no_grad():  # norms start at 1: perturb them so a mixed-up norm cannot go unnoticed
-            for n, p in model.named_parameters():
-                if "norm" in n: p.add_(0.1 * torch.randn_like(p))
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(name); w.add_file_type(0)  # ALL_F32
-    w.add_context_length(256); w.add_embedding_length(d_model); w.add_block_count(n_layers)
-    w.add_feed_forward_length(d_mlp); w.add_head_count(n_heads); w.add_head_count_kv(n_kv_heads)
-    w.add_rope_dimension_count(head_dim); w.add_rope_freq_base(10000.0); w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default"); w.add_token_list(tokens)
-    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
-    w.add_token_merges([" ".join(m) for m in _TINY_MERGES])
-    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0); w.add_pad_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for i in range(n_layers):
-        pre = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_q.weight",
-                     _llama_cpp_permute(torch.from_numpy(sd[pre + "self_attn.q_proj.weight"]), n_heads).numpy())
-        w.add_tensor(f"blk.{i}.attn_k.weight",
-                     _llama_cpp_permute(torch.from_numpy(sd[pre + "self_attn.k_proj.weight"]), n_kv_heads).numpy())
-        for hf, gg in names.items(): w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(sd[pre + hf + ".weight"]))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return model
-
-# %% ../nbs/08_pretrained.ipynb #ff3e1066
-_CONVERSION = 2    # bumped whenever `_convert_gguf` writes something different: older cache entries are not reused
-
-# %% ../nbs/08_pretrained.ipynb #65223788
-def _gguf_tokenizer_settings(path: Path) -> dict:
-    """What a GGUF file declares about its tokenizer's special tokens: {'bos_token' | 'eos_token' | 'unk_token' |
-    'pad_token': id, 'add_bos_token' | 'add_eos_token': bool}, for the keys it has."""
-    import gguf
-    fields = gguf.GGUFReader(str(path)).fields
-    out = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id"), ("add_bos_token", "add_bos_token"),
-                      ("add_eos_token", "add_eos_token")):
-        f = fields.get(f"tokenizer.ggml.{key}")
-        if f is not None and len(f.data):
-            v = f.parts[f.data[0]][0]
-            out[name] = bool(v) if name.startswith("add_") else int(v)
-    return out
-
-
-def _apply_gguf_tokenizer_settings(tok, settings: dict):
-    "Make `tok`'s special tokens the GGUF's (transformers 5.0-5.17 read eos = bos and add a BOS for byte-level BPE)."
-    for name, v in settings.items():
-        if name.startswith("add_"):
-            if hasattr(tok, name) and getattr(tok, name) != v: setattr(tok, name, v)
-        else: setattr(tok, name, tok.convert_ids_to_tokens(v))
-
-# %% ../nbs/08_pretrained.ipynb #9119e623
-def _convert_gguf(chunks: Sequence[Path], gguf_name: str, out: Path) -> dict:
-    "Dequantize the GGUF made of `chunks` into a float32 safetensors model + tokenizer saved in `out`."
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    asm = temp_path(out.parent / "assemble")             # removed below, or by clean_stale_temps if we are killed
-    asm.mkdir()
-    try:
-        if len(chunks) == 1:
-            folder, fname = chunks[0].parent, chunks[0].name
-        else:  # transformers reads one file: concatenate the chunks next to the cache (removed afterwards)
-            folder, fname = Path(asm), gguf_name
-            with open(folder / fname, "wb") as dst:
-                for c in chunks:
-                    with open(c, "rb") as src: shutil.copyfileobj(src, dst, 1 << 24)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        _apply_gguf_tokenizer_settings(tok, _gguf_tokenizer_settings(folder / fname))
-        tok.clean_up_tokenization_spaces = False   # ignored by byte-level BPE anyway; saved True, it warns at each load
-        gmodel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    finally:
-        shutil.rmtree(asm, ignore_errors=True)
-    config = copy.deepcopy(gmodel.config)
-    if hasattr(config, "quantization_config"): del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gmodel.state_dict(), strict=True)
-    model.generation_config = copy.deepcopy(gmodel.generation_config)
-    del gmodel
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return {"source": "gguf", "gguf": gguf_name, "transformers": transformers.__version__,
-            "torch": torch.__version__, "architecture": type(model).__name__}
-
 # %% ../nbs/08_pretrained.ipynb #ad027932
 def _resolve(name_or_path) -> tuple:
     """('gguf', label, chunks, expected_sha256|None, gguf_name) | ('dir', label, path) | ('hub', repo_id)."""
@@ -377,15 +256,24 @@ def _resolve(name_or_path) -> tuple:
     return ("hub", s)
 
 # %% ../nbs/08_pretrained.ipynb #fd59b704
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """`(ok, reason)`: whether the Hugging Face hub can be reached from here. `False` in offline mode
+    (`HF_HUB_OFFLINE`, `TRANSFORMERS_OFFLINE`), without a network attempt; `True` behind an HTTPS proxy (not probed);
+    else the outcome of one TCP connection to `huggingface_hub.constants.ENDPOINT` (at most `timeout` seconds)."""
+    from huggingface_hub import constants
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")]
+    if constants.HF_HUB_OFFLINE or offline:
+        return False, f"offline mode is set ({' / '.join(offline) or 'huggingface_hub.constants.HF_HUB_OFFLINE'})"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # cannot probe through a proxy cheaply; let huggingface_hub try
-    u = urlparse(endpoint)
+        return True, "cannot probe through a proxy"   # let huggingface_hub try
+    u = urlparse(constants.ENDPOINT)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
     try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, "reachable"
+    except OSError as e:
+        return False, f"cannot connect to {constants.ENDPOINT} ({type(e).__name__}: {e})"
 
 # %% ../nbs/08_pretrained.ipynb #e583d9f4
 @contextmanager
@@ -456,15 +344,16 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: torch.dtype = tor
                        label, dtype, device)
     repo_id = src[1]
     from huggingface_hub import constants
-    offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable(constants.ENDPOINT)
+    reachable, why = hub_reachable()
+    offline = not reachable
     try:
         tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=offline)
     except OSError as e:
         if offline:
             raise OSError(f"cannot load {repo_id!r}: the Hugging Face hub ({constants.ENDPOINT}) is not reachable from "
-                          f"this machine and {repo_id!r} is not in the local Hugging Face cache. Use a short name "
-                          f"{sorted(PRETRAINED)}, a .gguf file or a local model folder instead.") from e
+                          f"this machine ({why}) and {repo_id!r} is not in the local Hugging Face cache. Use a "
+                          f"short name {sorted(PRETRAINED)}, a .gguf file or a local model folder instead.") from e
         raise OSError(f"cannot load {repo_id!r} from the Hugging Face hub: {e}") from e
     return _finish(model, tok, repo_id, dtype, device)
 

@@ -5,8 +5,6 @@
 # %% ../nbs/03_stats.ipynb #4d1a22e6
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -14,203 +12,21 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .hooks import StopForward, Trace, _first_tensor
-from .models import (PRECISIONS, ModelAdapter, cache_kwarg, eval_mode, execution_device, forward_precision,
-                                max_positions, output_cache)
+from .corpus import Corpus, as_corpus, default_corpus, special_prefix, token_batches
+from .hooks import StopForward, _first_tensor
+from .models import PRECISIONS, ModelAdapter, eval_mode, forward_precision, max_positions
 from .store import (Config, CorruptFile, TensorCache, check_bool, check_choice, check_int, check_real,
-                               digest, load_tensors, model_fingerprint, model_id, tokenizer_fingerprint)
+                               load_tensors, model_id, tokenizer_fingerprint)
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'AUTO_CORPUS_TOKENS', 'Corpus', 'text_corpus', 'file_corpus', 'hf_corpus', 'as_corpus',
-           'special_prefix', 'token_batches', 'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper',
-           'symmetrize_upper', 'KeyStatsCollector', 'StatsCache', 'sample_categorical', 'model_sampled_corpus',
-           'default_corpus', 'resolve_n_tokens', 'StatsConfig', 'collect_key_stats']
-
-# %% ../nbs/03_stats.ipynb #4ec5437b
-class Corpus:
-    """A re-iterable source of documents (str) with a stable identity for caching.
-
-    >>> c = text_corpus(["The cat sat.", "Paris is in France."]); len(list(c)), c.id[:8] == text_corpus(list(c)).id[:8]
-    (2, True)
-    """
-    def __init__(self, documents: Callable[[], Iterable[str]], id: str, description: str, eos_between: bool = True,
-                 prepare: Callable[[], None] | None = None, sampled: bool = False):
-        if not callable(documents): raise TypeError(f"documents must be a callable returning an iterable, got {type(documents).__name__}")
-        self._documents, self.id, self.description, self.eos_between = documents, str(id), description, bool(eos_between)
-        self._prepare, self.sampled = prepare, sampled          # sampled: text generated from the model itself
-
-    def prepare(self) -> None:
-        "Do any one-time work (such as sampling text) now rather than during the first iteration."
-        if self._prepare is not None: self._prepare()
-
-    def __iter__(self) -> Iterator[str]:
-        for j, d in enumerate(self._documents()):
-            if not isinstance(d, str):
-                raise TypeError(f"document {j} of corpus {self.description!r} is a {type(d).__name__}, not a str")
-            yield d
-
-    def __repr__(self) -> str: return f"Corpus({self.description}, id={self.id[:12]})"
-
-
-def text_corpus(texts: Iterable[str], name: str | None = None) -> Corpus:
-    "A corpus of in-memory strings (a one-shot iterator is materialized once); the id hashes every text."
-    if isinstance(texts, (str, bytes)): raise TypeError("text_corpus takes an iterable of strings, not a single string")
-    texts = tuple(texts)
-    bad = [(j, type(t).__name__) for j, t in enumerate(texts) if not isinstance(t, str)]
-    if bad: raise TypeError(f"text_corpus: items must be str; item {bad[0][0]} is a {bad[0][1]}")
-    cid = digest("texts", len(texts), *texts)
-    desc = name or f"{len(texts)} texts ({sum(map(len, texts)):,} characters)"
-    return Corpus(lambda: iter(texts), cid, desc, eos_between=True)
-
-
-def file_corpus(*paths: str | os.PathLike) -> Corpus:
-    "A corpus streamed from UTF-8 text files, one document per line (lines keep their newline; no EOS between)."
-    if len(paths) == 1 and isinstance(paths[0], (list, tuple)): paths = tuple(paths[0])
-    if not paths: raise ValueError("file_corpus needs at least one path")
-    paths = tuple(Path(p) for p in paths)
-    for p in paths:
-        if not p.is_file(): raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file")
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-        h.update(b"\x00file-boundary\x00")
-    size = sum(p.stat().st_size for p in paths)
-    def lines():
-        for p in paths:
-            with open(p, encoding="utf-8") as f: yield from f
-    names = ", ".join(p.name for p in paths)
-    return Corpus(lines, digest("files", h.hexdigest()), f"file {names} ({size / 1e6:.2f} MB)", eos_between=False)
-
-
-def hf_corpus(name: str, config: str | None = None, split: str = "train", field: str = "text",
-              revision: str | None = None, eos_between: bool = True, streaming: bool = True) -> Corpus:
-    "A corpus streamed from a Hugging Face `datasets` dataset (needs the `datasets` package and the hub)."
-    try:
-        import datasets  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"reading the Hugging Face dataset {name!r} needs the `datasets` package "
-                          "(pip install datasets); or pass a list of strings or a local text file instead") from e
-    def rows():
-        import datasets
-        ds = datasets.load_dataset(name, config, split=split, revision=revision, streaming=streaming)
-        for row in ds:
-            if field not in row: raise KeyError(f"dataset {name!r} has no field {field!r}; fields: {sorted(row)}")
-            yield row[field]
-    spec = dict(name=name, config=config, split=split, field=field, revision=revision)
-    return Corpus(rows, digest("hf", json.dumps(spec, sort_keys=True)),
-                  f"Hugging Face dataset {name}" + (f"/{config}" if config else "") + f" [{split}]", eos_between)
-
-
-def as_corpus(source) -> Corpus:
-    """A `Corpus` from a Corpus, a path (str or PathLike) of an existing file, an iterable of strings, or a
-    Hugging Face dataset name (a str that is not an existing file)."""
-    if isinstance(source, Corpus): return source
-    if isinstance(source, os.PathLike): return file_corpus(source)
-    if isinstance(source, str):
-        if Path(source).is_file(): return file_corpus(source)
-        looks_like_path = (source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
-                           or Path(source).suffix in (".txt", ".raw", ".text", ".md", ".json", ".jsonl"))
-        if looks_like_path: raise FileNotFoundError(f"corpus file {source!r} does not exist")
-        try: return hf_corpus(source)        # e.g. 'Salesforce/wikitext'
-        except ImportError as e:
-            raise ImportError(f"{source!r} is not an existing file, and reading it as a Hugging Face dataset name "
-                              "needs the `datasets` package (pip install datasets)") from e
-    if isinstance(source, bytes): raise TypeError("corpus: pass text (str), not bytes")
-    if isinstance(source, Iterable):
-        items = list(source)
-        if items and all(isinstance(p, os.PathLike) for p in items): return file_corpus(*items)
-        return text_corpus(items)
-    raise TypeError(f"cannot make a corpus from a {type(source).__name__}: pass a list of strings, a file path, "
-                    "a Hugging Face dataset name or a Corpus")
-
-# %% ../nbs/03_stats.ipynb #63408f28
-def special_prefix(tok) -> list[int]:
-    "Token ids the tokenizer puts *before* a text by default (e.g. [BOS] for Llama-style tokenizers, [] for GPT-2)."
-    probe = "Paris is a city"
-    full = tok(probe, add_special_tokens=True)["input_ids"]
-    bare = tok(probe, add_special_tokens=False)["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare: return list(full[:i])
-    return []
-
-
-def _tokenized(docs: Iterable[str], tok, skip_blank: bool) -> Iterator[list[int]]:
-    "Token ids of each document, tokenized in groups (one fast-tokenizer call per ~64k characters)."
-    group, size = [], 0
-    for d in docs:
-        if skip_blank and not d.strip(): continue
-        group.append(d); size += len(d)
-        if size >= 1 << 16 or len(group) >= 512:
-            yield from tok(group, add_special_tokens=False, verbose=False)["input_ids"]
-            group, size = [], 0
-    if group: yield from tok(group, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def _collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long); mask[b, :len(r)] = 1
-    return ids, mask
-
-
-def token_batches(corpus, tok, max_length: int = 512, batch_size: int = 8, n_tokens: int | None = None,
-                  pack: bool = True, prefix: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(input_ids, attention_mask)`, both (B, T) long tensors on the CPU, B ≤ `batch_size`, T ≤ `max_length`.
-
-    `pack=True`: documents → one token stream (EOS between independent documents) → blocks of `max_length` tokens,
-    each starting with `prefix` (default: the tokenizer's own start tokens). `pack=False`: one document per row,
-    truncated to `max_length`, right-padded. `n_tokens` caps the number of unmasked positions exactly.
-    """
-    corpus = as_corpus(corpus)
-    if not isinstance(max_length, int) or max_length < 1: raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
-        raise ValueError(f"n_tokens must be a positive int or None, got {n_tokens!r}")
-    prefix = special_prefix(tok) if prefix is None else [int(t) for t in prefix]
-    body = max_length - len(prefix)
-    if body < 1: raise ValueError(f"max_length={max_length} leaves no room after the {len(prefix)} prefix token(s)")
-    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None))
-    sep = [tok.eos_token_id] if pack and corpus.eos_between and tok.eos_token_id is not None else []
-    budget = math.inf if n_tokens is None else n_tokens
-    emitted, rows = 0, []
-
-    def take(row):                      # trims to the budget, returns the batch to yield (or None)
-        nonlocal emitted, rows
-        row = row[:budget - emitted] if budget - emitted < len(row) else row
-        rows.append(row); emitted += len(row)
-        if len(rows) == batch_size or emitted >= budget:
-            out, rows = rows, []
-            return _collate(out, pad_id)
-        return None
-
-    if pack:
-        buf = []
-        for ids in _tokenized(corpus, tok, skip_blank=False):
-            buf.extend(ids); buf.extend(sep)
-            pos = 0
-            while len(buf) - pos >= body:
-                out = take(prefix + buf[pos:pos + body]); pos += body
-                if out is not None: yield out
-                if emitted >= budget: return
-            del buf[:pos]
-        if buf and emitted < budget:
-            out = take(prefix + buf)
-            if out is not None: yield out
-    else:
-        for ids in _tokenized(corpus, tok, skip_blank=True):
-            out = take((prefix + ids)[:max_length])
-            if out is not None: yield out
-            if emitted >= budget: return
-    if rows: yield _collate(rows, pad_id)
+__all__ = ['CACHE_FORMAT', 'AUTO_CORPUS_TOKENS', 'LayerStats', 'KeyStats', 'exact_fp32_matmul', 'add_gram_upper',
+           'symmetrize_upper', 'KeyStatsCollector', 'StatsCache', 'resolve_n_tokens', 'StatsConfig',
+           'collect_key_stats']
 
 # %% ../nbs/03_stats.ipynb #4e12b4c1
 @dataclass
@@ -455,136 +271,6 @@ class StatsCache:
                 out.append(dict(meta["key"], n=meta["n"], file=p.name))
             except (CorruptFile, KeyError): pass
         return out
-
-# %% ../nbs/03_stats.ipynb #4f5447d4
-def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of the unnormalized probabilities `weights` (B, V) by inverse transform: a uniform u per row,
-    the first index whose cumulative weight (summed in float64) exceeds u · Σ weights. Exact like `torch.multinomial`,
-    which draws V exponentials per row (on SmolLM2's 49k-token vocabulary that alone took 30 % of a sampling step).
-    Returns (B, 1) indices.
-
-    >>> sample_categorical(torch.tensor([[0., 2., 0.]]), torch.Generator().manual_seed(0)).tolist()
-    [[1]]
-    """
-    cdf = torch.cumsum(weights, -1, dtype=torch.float64)                            # (B, V)
-    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1)
-
-
-@torch.inference_mode()
-def _sample_rows(model, start: int, rows: int, length: int, generator, temperature: float, bar) -> torch.Tensor:
-    """(rows, length) tokens sampled after one `start` token: every row in one batch, a KV cache, logits only at the
-    last position. All rows have the same length, so no padding and no attention mask are needed."""
-    device, kw = execution_device(model), cache_kwarg(model)
-    ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    new = torch.empty(rows, length, dtype=torch.long)
-    for t in range(length):
-        logits = out.logits[:, -1].float()                                           # (rows, V)
-        if temperature != 1: logits = logits / temperature
-        ids = sample_categorical(torch.exp(logits - logits.amax(-1, keepdim=True)), generator)   # (rows, 1)
-        new[:, t] = ids[:, 0].cpu()
-        bar.update(rows)
-        if t < length - 1:
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: output_cache(out)})
-    return new
-
-
-def _documents(rows: torch.Tensor, eos: int | None) -> list[list[int]]:
-    "Each row cut at its EOS tokens into documents (EOS dropped, empty documents skipped)."
-    docs = []
-    for row in rows.tolist():
-        cur = []
-        for t in row:
-            if t == eos:
-                if cur: docs.append(cur)
-                cur = []
-            else: cur.append(t)
-        if cur: docs.append(cur)
-    return docs
-
-
-def model_sampled_corpus(model, tok, n_tokens: int, seed: int = 0, batch_size: int = 256, length: int | None = None,
-                         temperature: float = 1.0, progress: bool = False) -> Corpus:
-    """A corpus of at least `n_tokens` tokens (counted after re-tokenization) of text sampled from `model`: seeded,
-    the global RNG untouched. Rows of `length` tokens (default: n_tokens / batch_size, between 64 and 256) start from
-    the BOS token (EOS when there is none) and are drawn up to `batch_size` at a time (`_sample_rows`): many rows
-    make large matrix products, and a row that emits EOS goes on with a new document, as in packed pretraining text.
-    Sampling happens on first use, once."""
-    if not isinstance(n_tokens, int) or n_tokens < 1: raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
-    if length is None: length = min(256, max(64, math.ceil(n_tokens / batch_size)))
-    for name, v in (("batch_size", batch_size), ("length", length)):
-        if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is None: raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
-    limit = max_positions(model)
-    length = min(length, limit - 1) if limit else length
-    settings = dict(n_tokens=n_tokens, seed=seed, batch_size=batch_size, length=length, temperature=temperature,
-                    start=start, sampler="inverse-cdf/1")
-    memo: list[tuple[str, ...]] = []
-
-    def generate() -> tuple[str, ...]:
-        texts, total = [], 0
-        device = execution_device(model)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
-                  desc="sampling text from the model") as bar, eval_mode(model):
-            while total < n_tokens:
-                rows = min(batch_size, max(1, math.ceil((n_tokens - total) / length)))   # no more rows than needed
-                for doc in _documents(_sample_rows(model, start, rows, length, gen, temperature, bar),
-                                      tok.eos_token_id):
-                    text = tok.decode(doc, skip_special_tokens=True)
-                    if text.strip():
-                        texts.append(text); total += len(tok(text, add_special_tokens=False)["input_ids"])
-        return tuple(texts)
-
-    def documents():
-        if not memo: memo.append(generate())
-        return iter(memo[0])
-    cid = digest("model-sampled", model_fingerprint(model), tokenizer_fingerprint(tok), settings)
-    return Corpus(documents, cid, f"text sampled from the model ({n_tokens:,} tokens, seed {seed})", eos_between=True,
-                  prepare=documents, sampled=True)
-
-
-def _hub_reachable(repo: str, timeout: float) -> tuple[bool, str]:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        return False, "the `datasets` package is not installed"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
-        return False, "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-    try:
-        from huggingface_hub import HfApi
-        HfApi().dataset_info(repo, timeout=timeout)
-        return True, "reachable"
-    except Exception as e:
-        return False, f"the hub did not answer ({type(e).__name__})"
-
-
-def default_corpus(model, tok, path: str | os.PathLike | None = None, n_tokens: int | None = None, seed: int = 0,
-                   hf_dataset: tuple[str, str | None, str] = ("Salesforce/wikitext", "wikitext-103-raw-v1", "train"),
-                   timeout: float = 5.0, verbose: bool = True) -> Corpus:
-    """The first available of: the local file `path`; WikiText via `datasets` (hub reachable within `timeout` s);
-    text sampled from the model (`n_tokens` tokens, `seed`). Prints which one it uses (and why others were skipped)."""
-    skipped = []
-    corpus = None
-    if path is not None:
-        if Path(path).is_file(): corpus = file_corpus(path)
-        else: skipped.append(f"path {str(path)!r} does not exist")
-    else: skipped.append("no local path given")
-    if corpus is None:
-        ok, why = _hub_reachable(hf_dataset[0], timeout)
-        if ok: corpus = hf_corpus(*hf_dataset, eos_between=False)   # WikiText rows are lines of articles
-        else: skipped.append(f"Hugging Face {hf_dataset[0]}: {why}")
-    if corpus is None:
-        if n_tokens is None: raise ValueError("no corpus is available here and n_tokens is None: give n_tokens for model-sampled text")
-        corpus = model_sampled_corpus(model, tok, n_tokens, seed=seed, progress=verbose)
-    if verbose:
-        budget = "all of it" if n_tokens is None else f"up to {n_tokens:,} tokens"
-        print(f"key-statistics corpus: {corpus.description}; using {budget}"
-              + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
-    return corpus
 
 # %% ../nbs/03_stats.ipynb #67430dc5
 AUTO_CORPUS_TOKENS = 100_000      # 'auto' with a real corpus

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,125 +20,22 @@ import torch
 from .data import EditRecord
 from .editing import Timer, edit
 from .hparams import HParams
-from .keys import ContextTemplates, EditRequest, as_requests
-from .metrics import METRICS, evaluate, harmonic_mean, mean_ci
+from .keys import ContextTemplates
+from .metrics import evaluate
 from .models import ModelAdapter, execution_device
 from .stats import collect_key_stats
-from .store import (TensorCache, check_choice, clean_stale_temps, digest, tensors_digest, load_tensors, model_id, read_json, save_tensors,
-                               tokenizer_fingerprint, write_json_atomic)
-from .values import TargetValues, ValueConfig, compute_target_values
+from .store import (check_choice, clean_stale_temps, digest, load_tensors, read_json, save_tensors,
+                               tensors_digest, tokenizer_fingerprint, write_json_atomic)
+from .value_cache import ValueCache, cached_target_values, model_key
 
 # %% auto #0
-__all__ = ['VALUE_CACHE_FORMAT', 'SCORE_METRICS', 'MAGNITUDE_METRICS', 'BATCH_FORMAT', 'METHOD_COLORS', 'METHOD_MARKERS',
-           'MODE_STYLES', 'ABBR', 'model_key', 'ValueCache', 'cached_target_values', 'SweepConfig',
-           'default_layer_modes', 'record_batches', 'SweepResults', 'load_sweep', 'paired_difference', 'SweepRun',
-           'run_sweep', 'plot_sweep', 'plot_diagnostics', 'report_sweep']
+__all__ = ['BATCH_FORMAT', 'SweepConfig', 'default_layer_modes', 'record_batches', 'SweepRun', 'run_sweep']
 
 # %% ../nbs/12_sweep.ipynb #20b343a2
 def _num(v):
     "A float for JSON: finite floats as is, NaN/inf as the strings 'nan', 'inf', '-inf' (read back with float())."
     v = float(v)
     return v if math.isfinite(v) else str(v)
-
-# %% ../nbs/12_sweep.ipynb #b3118044
-VALUE_CACHE_FORMAT = "unifiededit.values-cache/2"
-_SCALARS = ("loss_init", "loss_final", "nll_final", "kl_final", "prob_init", "prob_final")
-
-
-def model_key(model) -> str:
-    """The identity of a model's current weights (`model_id`, which covers every weight and its dtype) and of the kind of
-    device it computes on (float rounding differs between CPU and GPU kernels)."""
-    return f"{model_id(model)}|{execution_device(model).type}"
-
-
-def _request_ident(r) -> dict:
-    r = EditRequest.from_any(r)
-    return {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new}
-
-
-class ValueCache:
-    """Target values on disk, one verified file per (model, tokenizer, request, layer, hook, templates, value
-    hyper-parameters): chapter 2's `TensorCache`, sharded. A corrupt entry is reported, removed and recomputed.
-
-    `hits`, `computed` and `corrupt` count what happened since the object was made.
-    """
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser()
-        self._files = TensorCache(self.root, "target-value cache", shard=True)
-        self.computed = 0
-
-    hits = property(lambda self: self._files.hits)
-    corrupt = property(lambda self: self._files.corrupt)
-
-    def __repr__(self) -> str:
-        return f"ValueCache({str(self.root)!r}, hits={self.hits}, computed={self.computed}, corrupt={self.corrupt})"
-
-    @staticmethod
-    def key(model: str, tokenizer: str, request, layer: int, hook: str, templates, config: ValueConfig | HParams) -> dict:
-        "Everything a target value depends on, as a JSON-ready dict (`config`: a `ValueConfig`, or an `HParams`'s)."
-        cfg = config.value_config if isinstance(config, HParams) else config
-        return {"format": VALUE_CACHE_FORMAT, "model": model, "tokenizer": tokenizer,
-                "request": _request_ident(request), "layer": int(layer), "hook": hook,
-                "templates": ContextTemplates.coerce(templates).groups,
-                "values": cfg.to_dict()}
-
-    def path(self, key: dict) -> Path: return self._files.path(key)
-
-    def load(self, key: dict) -> dict | None:
-        "The cached entry (name -> tensor) for `key`, or None (missing, or corrupt: then reported and removed)."
-        hit = self._files.load(key)
-        return None if hit is None else hit[0]
-
-    def save(self, key: dict, tensors: dict) -> Path: return self._files.save(key, tensors)
-
-# %% ../nbs/12_sweep.ipynb #80f0dc73
-def _entry(tv: TargetValues, j: int) -> dict:
-    "Request j's share of a TargetValues, as the tensors of one cache entry."
-    e = {"delta": tv.delta[j], "h": tv.h[j], "loss_history": tv.loss_history[:, j],
-         "n_steps": tv.n_steps[j].reshape(1).to(torch.int64)}
-    e.update({k: getattr(tv, k)[j].reshape(1).to(torch.float32) for k in _SCALARS})
-    return e
-
-
-def _assemble(entries: list[dict], reqs: list[EditRequest], layer: int, hook: str, device) -> TargetValues:
-    st = lambda k: torch.stack([e[k] for e in entries])
-    cat = lambda k: torch.cat([e[k] for e in entries])
-    return TargetValues(delta=st("delta").to(device), h=st("h").to(device), loss_init=cat("loss_init"),
-                        loss_final=cat("loss_final"), nll_final=cat("nll_final"), kl_final=cat("kl_final"),
-                        prob_init=cat("prob_init"), prob_final=cat("prob_final"), n_steps=cat("n_steps"),
-                        loss_history=st("loss_history").T.contiguous(), layer=layer, hook=hook, requests=list(reqs))
-
-
-def cached_target_values(model, tok, requests: Sequence, layer: int, templates, hparams: HParams, *, hook: str,
-                         cache: ValueCache | str | os.PathLike | None, adapter: ModelAdapter | None = None,
-                         key_of_model: str | None = None, progress: bool = False) -> TargetValues:
-    """Target values of `requests` at `layer` / `hook` (as `compute_target_values` with `hparams`' value settings),
-    read from `cache` where present and computed (in one batched call) and stored where not.
-
-    `key_of_model`: the model's `model_key`, if the caller already has it (it costs a pass over the weights)."""
-    reqs = as_requests(requests)
-    templates = ContextTemplates.coerce(templates)
-    adapter = adapter or ModelAdapter.from_model(model, **hparams.module_overrides())
-    kw = dict(config=hparams.value_config, adapter=adapter, hook=hook, batch_size=hparams.v_batch_size,
-              progress=progress)
-    if cache is None: return compute_target_values(model, tok, reqs, layer, templates, **kw)
-    if not isinstance(cache, ValueCache): cache = ValueCache(cache)
-    mk, tk = key_of_model or model_key(model), tokenizer_fingerprint(tok)
-    keys = [cache.key(mk, tk, r, layer, hook, templates, hparams) for r in reqs]
-    entries = [cache.load(k) for k in keys]
-    todo = {}                                                  # digest -> first index (identical requests: once)
-    for j, e in enumerate(entries):
-        if e is None: todo.setdefault(digest(keys[j]), j)
-    if todo:
-        idx = list(todo.values())
-        tv = compute_target_values(model, tok, [reqs[j] for j in idx], layer, templates, **kw)
-        fresh = {}
-        for i, j in enumerate(idx):
-            fresh[digest(keys[j])] = _entry(tv, i)
-            cache.save(keys[j], fresh[digest(keys[j])])
-        cache.computed += len(idx)
-        entries = [e if e is not None else fresh[digest(k)] for e, k in zip(entries, keys)]
-    return _assemble(entries, reqs, layer, hook, execution_device(model))
 
 # %% ../nbs/12_sweep.ipynb #ab630775
 @dataclass(frozen=True)
@@ -171,8 +67,6 @@ def record_batches(records: Sequence, batch_size: int, max_batches: int | None =
     return [list(records[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
 
 # %% ../nbs/12_sweep.ipynb #cebf471a
-SCORE_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
-MAGNITUDE_METRICS = ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude")
 BATCH_FORMAT = "unifiededit.sweep.batch/1"
 
 
@@ -190,143 +84,6 @@ def _slim_records(run) -> list[dict]:
         out.append({"case_id": r["case_id"], "metrics": mets, "nonfinite": bad})
     return out
 
-
-def _metric_value(rec: dict, m: str) -> float | None:
-    "A record's metric as float (NaN when non-finite), or None when it was not computed."
-    if m not in rec["metrics"]: return None
-    v = rec["metrics"][m]
-    return float("nan") if v is None else float(v)
-
-# %% ../nbs/12_sweep.ipynb #0dde2ca5
-@dataclass
-class SweepResults:
-    "The finished batches of a sweep folder, with per-record tables, aggregated curves and a report of non-finite values."
-    out_dir: Path
-    batches: list[dict]
-    pre: dict                   # case_id (str) -> slim record of the pre-edit evaluation
-
-    def _final(self) -> list[dict]:
-        "The batch files whose evaluations enter the curves: every batch; for a sequential run, only its last."
-        out, last = [], {}
-        for b in self.batches:
-            if b["config"]["sequential"]:
-                n = b["config"]["name"]
-                if n not in last or b["batch"] > last[n]["batch"]: last[n] = b
-            else: out.append(b)
-        return out + list(last.values())
-
-    def records_frame(self, metrics: Sequence[str] = SCORE_METRICS + MAGNITUDE_METRICS):
-        "pandas DataFrame, one row per (configuration, batch, evaluated record): metric columns, NaN where non-finite."
-        import pandas as pd
-        rows = []
-        for b in self.batches:
-            c = b["config"]
-            for r in b["records"]:
-                row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"],
-                       "batch_size": c["batch_size"], "sequential": c["sequential"], "batch": b["batch"],
-                       "case_id": r["case_id"], "in_batch": r["case_id"] in b["case_ids"]}
-                for m in metrics:
-                    v = _metric_value(r, m)
-                    row[m] = float("nan") if v is None else v
-                rows.append(row)
-        return pd.DataFrame(rows)
-
-    def nonfinite_report(self):
-        "pandas DataFrame of every non-finite metric value: configuration, batch, case_id, metric, reason."
-        import pandas as pd
-        rows = [{"config": b["config"]["name"], "batch": b["batch"], "case_id": r["case_id"], "metric": m, "reason": why}
-                for b in self.batches for r in b["records"] for m, why in r["nonfinite"].items()]
-        rows += [{"config": "pre-edit", "batch": -1, "case_id": r["case_id"], "metric": m, "reason": why}
-                 for r in self.pre.values() for m, why in r["nonfinite"].items()]
-        return pd.DataFrame(rows, columns=["config", "batch", "case_id", "metric", "reason"])
-
-    def _aggregate(self, recs: list[dict], level: float) -> dict:
-        out = {}
-        for m in SCORE_METRICS + MAGNITUDE_METRICS:
-            vals = [v for v in (_metric_value(r, m) for r in recs) if v is not None]
-            good = [v for v in vals if math.isfinite(v)]
-            mean, ci = mean_ci(good, level) if good else (float("nan"), float("nan"))
-            out[m], out[m + "_ci"], out[m + "_n"], out[m + "_nonfinite"] = mean, ci, len(good), len(vals) - len(good)
-        means = [out[m] for m in SCORE_METRICS]
-        out["overall_score"] = harmonic_mean(means) if all(math.isfinite(x) for x in means) else float("nan")
-        return out
-
-    def summary(self, level: float = 0.95):
-        """pandas DataFrame, one row per configuration: metric means (`*_ci`: CI half-width, `*_n`: finite values,
-        `*_nonfinite`: excluded values), overall score, mean ‖Δ‖, geometric-mean κ(KᵀC⁻¹K), seconds per edit."""
-        import pandas as pd
-        groups = {}
-        for b in self._final(): groups.setdefault(b["config"]["name"], []).append(b)
-        rows = []
-        for name, bs in groups.items():
-            c = bs[0]["config"]
-            recs = [r for b in bs for r in b["records"]]
-            conds = [float(b["diagnostics"]["cond_gram"]) for b in bs if b["diagnostics"].get("cond_gram") is not None]
-            all_b = [b for b in self.batches if b["config"]["name"] == name]
-            rows.append({"config": name, "method": c["method"], "layer_mode": c["layer_mode"],
-                         "layers": ",".join(map(str, c["layers"])), "batch_size": c["batch_size"],
-                         "sequential": c["sequential"], "n_batches": len(all_b), "n_records": len(recs),
-                         **self._aggregate(recs, level),
-                         "delta_norm": float(np.mean([float(b["diagnostics"]["delta_norm"]) for b in bs])),
-                         "cond_gram": float(np.exp(np.mean(np.log(conds)))) if conds else float("nan"),
-                         "seconds_per_edit": sum(b["seconds"]["total"] for b in all_b)
-                                             / max(1, sum(len(b["case_ids"]) for b in all_b))})
-        df = pd.DataFrame(rows)
-        return df.sort_values(["sequential", "layer_mode", "method", "batch_size"]).reset_index(drop=True) if rows else df
-
-    def pre_summary(self, case_ids: Sequence | None = None, level: float = 0.95) -> dict:
-        "Pre-edit metric means (and overall score) over `case_ids` (default: every record evaluated before editing)."
-        ids = [str(c) for c in case_ids] if case_ids is not None else list(self.pre)
-        missing = [c for c in ids if c not in self.pre]
-        if missing: raise KeyError(f"no pre-edit evaluation for case_ids {missing[:5]}")
-        return self._aggregate([self.pre[c] for c in ids], level)
-
-    def diagnostics_frame(self):
-        "pandas DataFrame, one row per batch: ‖Δ‖, κ(KᵀC⁻¹K), per-layer ‖Δ‖, z statistics, timings."
-        import pandas as pd
-        rows = []
-        for b in self.batches:
-            c, d = b["config"], b["diagnostics"]
-            row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"], "batch_size": c["batch_size"],
-                   "sequential": c["sequential"], "batch": b["batch"], "delta_norm": float(d["delta_norm"]),
-                   "cond_gram": float(d["cond_gram"]) if d.get("cond_gram") is not None else float("nan"),
-                   "z_prob_final": d["z"]["prob_final_mean"], "z_loss_final": d["z"]["loss_final_mean"],
-                   **{f"seconds_{k}": v for k, v in b["seconds"].items()}}
-            for l, ld in d["layers"].items(): row[f"delta_norm_L{l}"] = float(ld["delta_norm"])
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-
-def load_sweep(out_dir: str | os.PathLike) -> SweepResults:
-    "Read a sweep folder (unreadable batch files are reported and skipped: rerunning the sweep recomputes them)."
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir(): raise FileNotFoundError(f"no sweep results at {out_dir}")
-    pre = read_json(out_dir / "pre.json") or {"records": {}}
-    batches = []
-    for p in sorted(out_dir.glob("*/batch_*.json")):
-        b = read_json(p)
-        if b is None or b.get("format") != BATCH_FORMAT:
-            if b is not None: warnings.warn(f"{p} is not a sweep batch file (format {b.get('format')!r}); skipped")
-            continue
-        batches.append(b)
-    return SweepResults(out_dir, batches, pre["records"])
-
-
-def paired_difference(results: SweepResults, config_a: str, config_b: str, metric: str, level: float = 0.95) -> dict:
-    """Mean and CI half-width of `metric(b) − metric(a)` per record, over the records both configurations evaluated
-    with a finite value (`config_a` may be 'pre-edit'); `n_excluded` counts shared records left out as non-finite."""
-    def values(name):
-        if name == "pre-edit": return {int(c): _metric_value(r, metric) for c, r in results.pre.items()}
-        bs = [b for b in results._final() if b["config"]["name"] == name]
-        if not bs: raise KeyError(f"no finished batches of configuration {name!r}")
-        return {r["case_id"]: _metric_value(r, metric) for b in bs for r in b["records"]}
-    va, vb = values(config_a), values(config_b)
-    shared = [c for c in va if c in vb and va[c] is not None and vb[c] is not None]
-    good = [c for c in shared if math.isfinite(va[c]) and math.isfinite(vb[c])]
-    if not good: raise ValueError(f"{config_a!r} and {config_b!r} share no record with a finite {metric}")
-    mean, ci = mean_ci([vb[c] - va[c] for c in good], level)
-    return {"mean": mean, "ci": ci, "n": len(good), "n_excluded": len(shared) - len(good)}
-
 # %% ../nbs/12_sweep.ipynb #f51dfdbd
 @dataclass
 class SweepRun:
@@ -340,8 +97,6 @@ class SweepRun:
     skipped: list = field(default_factory=list)      # (configuration, reason) not run at all
     seconds: dict = field(default_factory=dict)      # stats, templates, pre_eval, values, batches, total
     value_cache: str = ""
-
-    def results(self) -> SweepResults: return load_sweep(self.out_dir)
 
 
 def _edit_diag(es: list, adapter, base: dict, layers) -> dict:
@@ -528,8 +283,9 @@ def _precompute_values(model, tok, plan: list[_Planned], cache: ValueCache, adap
         bar.set_description(f"target values, layer {L}")
         for i in range(0, len(recs), chunk):
             if budget.over(0): return "time budget reached while computing target values"
-            cached_target_values(model, tok, [r.request for r in recs[i:i + chunk]], L, templates, hp, hook=hook,
-                                 cache=cache, adapter=adapter, key_of_model=base_key, progress=progress)
+            cached_target_values(model, tok, [r.request for r in recs[i:i + chunk]], L, templates, hp.value_config,
+                                 hook=hook, cache=cache, adapter=adapter, batch_size=hp.v_batch_size,
+                                 key_of_model=base_key, progress=progress)
     return None
 
 # %% ../nbs/12_sweep.ipynb #0f43cfdd
@@ -554,8 +310,9 @@ def _apply(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates,
         groups = [[r] for r in recs] if cfg.method == "rome" else [list(recs)]
         for j, g in enumerate(groups):
             key = key_now if j == 0 else None                       # after a ROME edit the model is a new model
-            tv = cached_target_values(model, tok, [r.request for r in g], hp.layers[-1], templates, hp, hook=hook,
-                                      cache=cache, adapter=adapter, key_of_model=key)
+            tv = cached_target_values(model, tok, [r.request for r in g], hp.layers[-1], templates, hp.value_config,
+                                      hook=hook, cache=cache, adapter=adapter, batch_size=hp.v_batch_size,
+                                      key_of_model=key)
             es.append(edit(model, tok, [r.request for r in g], hparams=hp, stats=stats, templates=templates,
                            values=tv, progress=False))
     except BaseException:
@@ -709,95 +466,3 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
     if loop.stopped and log: log(f"sweep stopped ({loop.stopped}) after {n_done}/{n_total} batches; rerun to continue")
     return SweepRun(out_dir, n_done == n_total, loop.stopped, n_total, n_existing, loop.n_new, skipped,
                     dict(timer.times), repr(value_cache) if value_cache is not None else "")
-
-# %% ../nbs/12_sweep.ipynb #a0ce20f8
-METHOD_COLORS = {"emmet": "tab:blue", "memit": "tab:orange", "rome": "tab:green"}
-METHOD_MARKERS = {"emmet": dict(marker="o", ms=8, mfc="none", mew=1.5), "memit": dict(marker="x", ms=6),
-                  "rome": dict(marker="s", ms=5)}       # hollow circles around crosses: coinciding curves stay visible
-MODE_STYLES = {"single": "-", "multi": "--"}
-ABBR = {m: METRICS[m][0] for m in METRICS}
-
-
-def _curves(ax, summ, col, scale=1.0, ci=True):
-    for (meth, mode, seq), g in summ.groupby(["method", "layer_mode", "sequential"]):
-        g = g.sort_values("batch_size")
-        y = g[col].to_numpy(float) * scale
-        lab = f"{meth.upper()} {mode}" + (" seq" if seq else "")
-        ax.plot(g["batch_size"], y, MODE_STYLES.get(mode, ":"), color=METHOD_COLORS.get(meth), label=lab,
-                **METHOD_MARKERS.get(meth, dict(marker="o", ms=4)))
-        if ci and col + "_ci" in g:
-            e = g[col + "_ci"].to_numpy(float) * scale
-            ax.fill_between(g["batch_size"], y - e, y + e, color=METHOD_COLORS.get(meth), alpha=0.06, lw=0)
-    ax.set_xscale("log", base=2)
-    bs = sorted(summ["batch_size"].unique())
-    ax.set_xticks(bs); ax.set_xticklabels([str(b) for b in bs])
-    ax.set_xlabel("batch size")
-
-
-def plot_sweep(results: SweepResults, metrics: Sequence[str] = SCORE_METRICS + ("overall_score",), *, scale: float = 100,
-               pre: bool = True, ncols: int = 4, title: str | None = None):
-    """One panel per metric vs batch size (log x): EMMET vs MEMIT (colour, marker), single vs multi-layer (line style),
-    CI bands; grey: the unedited model on the records of each layer mode (same line style)."""
-    import matplotlib.pyplot as plt
-    summ = results.summary()
-    if summ.empty: raise ValueError(f"no finished batches in {results.out_dir}")
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axs = plt.subplots(nrows, min(ncols, len(metrics)), figsize=(3.6 * min(ncols, len(metrics)), 3.1 * nrows),
-                            squeeze=False)
-    bases = {}
-    if pre and results.pre:
-        for mode in summ["layer_mode"].unique():
-            ids = sorted({c for b in results._final() if b["config"]["layer_mode"] == mode for c in b["case_ids"]})
-            if all(str(c) in results.pre for c in ids): bases[mode] = results.pre_summary(ids)
-    for ax, m in zip(axs.flat, metrics):
-        _curves(ax, summ, m, scale, ci=m != "overall_score")
-        for mode, base in bases.items():
-            if math.isfinite(base.get(m, float("nan"))):
-                ax.axhline(base[m] * scale, color="grey", ls=MODE_STYLES.get(mode, ":"), lw=1, alpha=0.7,
-                           label=f"unedited ({mode})")
-        ax.set_title(f"{ABBR.get(m, m)} ({m.replace('_', ' ')})", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axs.flat)[len(metrics):]: ax.axis("off")
-    axs.flat[0].legend(fontsize=7)
-    if title: fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_diagnostics(results: SweepResults, title: str | None = None):
-    "‖Δ‖_F and κ(KᵀC⁻¹K) vs batch size (log-log), per method and layer mode."
-    import matplotlib.pyplot as plt
-    summ = results.summary()
-    if summ.empty: raise ValueError(f"no finished batches in {results.out_dir}")
-    fig, axs = plt.subplots(1, 2, figsize=(7.6, 3.1))
-    for ax, col, lab in ((axs[0], "delta_norm", "‖Δ‖_F (all edited layers)"),
-                         (axs[1], "cond_gram", "κ(KᵀC⁻¹K) (worst layer)")):
-        _curves(ax, summ, col, ci=False)
-        ax.set_yscale("log"); ax.set_title(lab, fontsize=9); ax.grid(alpha=0.3, which="both")
-    axs[0].legend(fontsize=7)
-    if title: fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/12_sweep.ipynb #fc021671
-def report_sweep(run: SweepRun, out: Callable = print, plot: str | os.PathLike | None = None) -> None:
-    "Print `run`'s results (and save the score and diagnostics plots to `plot` and `*_diagnostics` beside it)."
-    res = run.results()
-    summ = res.summary()
-    if not summ.empty:
-        t = summ[["config", "n_records", *SCORE_METRICS, "overall_score", "delta_norm", "cond_gram"]].copy()
-        for c in (*SCORE_METRICS, "overall_score"): t[c] = (100 * t[c]).round(1)
-        out(t.to_string(index=False))
-    bad = res.nonfinite_report()
-    if len(bad): out(f"{len(bad)} non-finite metric value(s), excluded from the means:\n{bad.to_string(index=False)}")
-    for name, why in run.skipped: out(f"skipped {name}: {why}")
-    out(f"{run.n_new} batch(es) run, {run.n_existing} already finished, {run.n_batches} in all; "
-        f"{run.seconds.get('total', 0):.0f} s; results in {run.out_dir}"
-        + ("" if run.complete else " (incomplete: rerun to continue)"))
-    if plot and not summ.empty:
-        import matplotlib
-        matplotlib.use("Agg")
-        plot_sweep(res).savefig(plot, dpi=120)
-        plot = Path(plot)
-        plot_diagnostics(res).savefig(plot.with_name(plot.stem + "_diagnostics" + plot.suffix), dpi=120)
-        out(f"plots: {plot}")
