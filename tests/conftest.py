@@ -29,3 +29,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} not present on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread(request):
+    """Tiny models and matrices run fastest on one thread (no OpenMP synchronization, no fight with the other
+    processes of a shared CPU); tests marked slow keep every thread. The thread count is restored after the test.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    if "slow" not in request.keywords:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ KINDS = ["bpe", "sentencepiece"]
 FAMILY = {"bpe": "gpt2", "sentencepiece": "llama"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run fastest on one thread (and do not fight the other processes of a shared CPU); restored after."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle_last_token(tok, text: str, end: int) -> int:

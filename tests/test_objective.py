@@ -16,14 +16,7 @@ from unifiededit.objective import (Preservation, UpdateInfo, emmet_update, memit
                                    update_flops)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    "Tiny matrices: one thread avoids OpenMP synchronization overhead on a shared CPU (slow tests keep them all)."
-    n = torch.get_num_threads()
-    if "slow" not in request.keywords:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(d_in=5, d_out=3, E=2, seed=0, n_tokens=None, dtype=torch.float64):

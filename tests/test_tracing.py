@@ -17,12 +17,7 @@ PROMPT, SUBJECT = "{} is located in the city of", "The Eiffel Tower"
 _MODULE_KIND = {"block": "layer", "mlp": "mlp", "attn": "attn"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(family, seed=0):

@@ -17,13 +17,7 @@ TEMPLATES = ContextTemplates([["{}"], ["Because the city. {}", "I like it. {}"]]
 FAST = dict(v_num_grad_steps=8, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run fastest on one thread (and do not fight the other processes of a shared CPU); restored after."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(kind, **cfg):

@@ -234,9 +234,9 @@ def parse_zsre(raw: list, target: str = "answers") -> list[EditRecord]:
 class EditDataset(Sequence):
     """An ordered, immutable collection of `EditRecord`s with unique `case_id`s.
 
-    >>> ds = load_counterfact('../../shared/data/counterfact/counterfact_500.json')
-    >>> len(ds), ds[0].subject
-    (500, 'Angola')
+    >>> ds = EditDataset([EditRecord(7, 'Paris', '{} is the capital of', 'Italy', 'France')], name='mine')
+    >>> len(ds), ds[0].subject, ds.name
+    (1, 'Paris', 'mine')
     """
     def __init__(self, records: Iterable[EditRecord], name: str = ""):
         self._records = tuple(records)

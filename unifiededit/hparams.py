@@ -100,7 +100,7 @@ class HParams:
     nullspace_relative: float | None = None    # ... or relative to C0's largest eigenvalue (exactly one of the two)
     L2: float = 10.0                       # AlphaEdit's ridge α
     rome_keys: str = "emmet"               # ROME's keys: 'emmet', 'original', 'r-rome', 'p-rome'
-    prob_cutoff: float | None = None       # MPES: < 0 stop after |k| evaluations with every target the argmax; > 0 at p
+    prob_cutoff: float | None = None       # MPES: -k stops after k evaluations with every target the argmax; p > 0 at p
     # module names (None = detect from the model)
     rewrite_module_tmp: str | None = None
     layer_module_tmp: str | None = None

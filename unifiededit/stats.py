@@ -158,7 +158,7 @@ class KeyStatsCollector:
     """Streaming Σ k kᵀ (float64, on each layer's device) for several layers, one truncated forward pass per batch.
 
     >>> m = tiny_model('llama'); col = KeyStatsCollector(m, [0, 2])
-    >>> col.update(torch.tensor([[1, 2, 3, 4]])); col.counts
+    >>> _ = col.update(torch.tensor([[1, 2, 3, 4]])); col.counts
     {0: 4, 2: 4}
     """
     def __init__(self, model, layers, adapter: ModelAdapter | None = None, matmul_dtype: torch.dtype = torch.float32,

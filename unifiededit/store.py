@@ -351,6 +351,7 @@ def check_bool(name: str, value) -> bool:
     return value
 
 # %% ../nbs/02a_store.ipynb #157eb34f
+@dataclasses.dataclass(frozen=True)
 class Config:
     "Base of the stage settings (frozen dataclasses whose `__post_init__` checks every field)."
     def replace(self, **changes): return dataclasses.replace(self, **changes)

@@ -35,7 +35,7 @@ class ValueConfig(Config):
     kl_factor: float = 0.0625          # λ_KL
     v_weight_decay: float = 1e-3       # λ_wd
     early_stop_loss: float = 5e-2      # an edit stops once its loss is below this
-    prob_cutoff: float | None = None   # MPES (ENCORE): < 0 stop after |k| evaluations with every target the argmax
+    prob_cutoff: float | None = None   # MPES (ENCORE): -k stops after k evaluations with every target the argmax
                                        # in every prefixed prompt; > 0 once the mean target probability exceeds it
     precision: str = "float32"         # of the forward passes: 'float32', 'tf32' or 'bfloat16'
 
