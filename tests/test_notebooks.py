@@ -48,3 +48,31 @@ def test_export_matches_the_module(tmp_path):
         assert sorted(produced) == sorted(committed)
         stale = [n for n in committed if produced[n] != committed[n]]
         assert not stale, f"run nbdev_export and commit: {stale} differ from what the notebooks export"
+
+
+def _code(nb: Path) -> str:
+    import json
+    cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_no_chapter_uses_a_later_one():
+    """The file names give the reading order, and data flows forward: no notebook, in its exported code or in its
+    examples, imports a module that a later notebook exports."""
+    import re
+    owner = {}  # module -> index of the notebook exporting it
+    for i, nb in enumerate(NBS):
+        m = re.search(r"^#\|\s*default_exp\s+(\S+)", _code(nb), re.M)
+        if m: owner[m.group(1)] = i
+    assert len(owner) >= 20, owner
+    late = []
+    for i, nb in enumerate(NBS):
+        used = set(re.findall(r"\bunifiededit\.(\w+)", _code(nb))) | set(re.findall(r"^\s*from \.(\w+) import", _code(nb), re.M))
+        late += [f"{nb.name} uses {mod} (from {NBS[owner[mod]].name})" for mod in sorted(used) if owner.get(mod, -1) > i]
+    assert not late, late
+
+
+def test_the_readme_lists_every_chapter():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [nb.stem for nb in NBS if f"| `{nb.stem}` |" not in readme]
+    assert not missing, f"README's chapter table lacks {missing}"
