@@ -23,7 +23,8 @@ from .store import (clean_stale_temps, digest, load_tensors, model_id, read_json
                                tensors_digest, write_json_atomic)
 
 # %% auto #0
-__all__ = ['LIFELONG_FORMAT', 'perplexity', 'LifelongRun', 'run_lifelong', 'text_head']
+__all__ = ['LIFELONG_FORMAT', 'LIFELONG_PANELS', 'perplexity', 'LifelongRun', 'run_lifelong', 'text_head', 'load_lifelong',
+           'lifelong_table', 'plot_lifelong']
 
 # %% ../nbs/20_lifelong.ipynb #70d62f28
 @torch.no_grad()
@@ -162,3 +163,69 @@ def text_head(path: str | os.PathLike, tok, n_tokens: int | None) -> list[str]:
         n += len(tok(line, add_special_tokens=False)["input_ids"])
         if n >= n_tokens: break
     return keep
+
+# %% ../nbs/20_lifelong.ipynb #d23c01db
+def load_lifelong(out_dir: str | os.PathLike) -> dict[str, LifelongRun]:
+    "The run of every method under `out_dir` (one sub-folder each, as `unifiededit lifelong` writes them), by name."
+    runs = {}
+    for p in sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []:
+        state = read_json(p / "log.json")
+        if not state or state.get("format") != LIFELONG_FORMAT: continue
+        ident = state["identity"]
+        n_batches = len(ident["case_ids"]) // ident["batch_size"]
+        runs[p.name] = LifelongRun(p, len(state["batches"]) == n_batches, state["batches"], state["checkpoints"],
+                                   state.get("pre", {}))
+    return runs
+
+# %% ../nbs/20_lifelong.ipynb #5d36120b
+def lifelong_table(runs: dict[str, LifelongRun]):
+    """One row per method at its last evaluation: edits made, ES/PS/NS of every edit so far (the unedited model's in
+    brackets), the first batch's ES, ‖W − W0‖_F, perplexity (unedited → edited) and the minutes spent."""
+    import pandas as pd
+    rows = []
+    for name, r in runs.items():
+        if not r.checkpoints: continue
+        c, pre = r.checkpoints[-1], r.pre
+        row = {"method": name, "edits": c["n_edits"], "complete": r.complete}
+        for m, ab in (("efficacy_score", "ES"), ("paraphrase_score", "PS"), ("neighborhood_score", "NS")):
+            row[ab] = f"{c['all'][m]['mean']:.1f} ± {c['all'][m]['ci']:.1f} ({pre['all'][m]['mean']:.1f})"
+        row["ES first batch"] = round(c["first_batch"]["efficacy_score"]["mean"], 1)
+        row["‖W−W0‖"] = round(c["delta_norm"], 2)
+        if "perplexity" in c: row["PPL"] = f"{pre['perplexity']:.2f} → {c['perplexity']:.2f}"
+        row["edit min"] = round(sum(b["seconds"] for b in r.batches) / 60, 1)
+        row["eval min"] = round(sum(k["seconds_eval"] for k in r.checkpoints) / 60, 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/20_lifelong.ipynb #a1e682da
+LIFELONG_PANELS = (("all", "efficacy_score", "ES: every edit so far"), ("all", "paraphrase_score", "PS: every edit so far"),
+                   ("all", "neighborhood_score", "NS: every edit so far"),
+                   ("first_batch", "efficacy_score", "ES of the first batch (retention)"),
+                   ("delta_norm", None, "‖W − W0‖_F, all edited layers"), ("perplexity", None, "held-out perplexity"))
+
+
+def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
+    """The curves of `runs` against the number of edits (x = 0: the unedited model), with 95 % bands for the scores;
+    grey dashes: the unedited model's scores on the same records."""
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(2, 3, figsize=(11, 6.2))
+    for ax, (key, metric, label) in zip(axs.flat, LIFELONG_PANELS):
+        for name, r in runs.items():
+            if not r.checkpoints: continue
+            x = [0] + [c["n_edits"] for c in r.checkpoints]
+            if metric:
+                ys = [c[key][metric] for c in r.checkpoints]
+                y = [r.pre[key][metric]["mean"] if key == "first_batch" else math.nan] + [s["mean"] for s in ys]
+                ci = [math.nan] + [s["ci"] for s in ys]
+                line, = ax.plot(x, y, marker="o", ms=3, label=name)
+                ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=line.get_color(),
+                                alpha=0.15)
+                if key == "all": ax.axhline(r.pre["all"][metric]["mean"], color="grey", ls="--", lw=0.8)
+            else:
+                y = [0.0 if key == "delta_norm" else r.pre.get(key, math.nan)] + [c.get(key, math.nan) for c in r.checkpoints]
+                ax.plot(x, y, marker="o", ms=3, label=name)
+        ax.set_title(label, fontsize=9); ax.set_xlabel("edits made", fontsize=8); ax.grid(alpha=0.3)
+    axs.flat[0].legend(fontsize=7)
+    if title: fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
