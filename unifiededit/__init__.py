@@ -1,4 +1,5 @@
-"""unifiededit: ROME, MEMIT and EMMET model editing, derived from one preservation-memorization objective.
+"""unifiededit: ROME, MEMIT, EMMET, ENCORE and AlphaEdit model editing, derived from one preservation-memorization
+objective.
 
 The public names below are imported on first use (PEP 562), so `import unifiededit` stays light.
 """
@@ -8,8 +9,13 @@ _PUBLIC = {
     "HParams": "unifiededit.hparams",
     "EditRequest": "unifiededit.keys",
     "Edit": "unifiededit.editing",
+    "EditHistory": "unifiededit.editing",
     "edit": "unifiededit.editing",
     "load_pretrained": "unifiededit.pretrained",
+    "collect_key_stats": "unifiededit.stats",
+    "compute_target_values": "unifiededit.batched_values",
+    "load_dataset": "unifiededit.data",
+    "evaluate": "unifiededit.metrics",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
