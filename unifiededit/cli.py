@@ -190,7 +190,7 @@ def _n_tokens(s: str):
     if n < 1: raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {n}")
     return n
 
-
+# %% ../nbs/23_cli.ipynb #7ea38239
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Shows an option's default, except where it has none (None, False) or its help already says it."
     def _get_help_string(self, action):
@@ -201,7 +201,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def _subparser(sub, name: str, help: str, description: str, epilog: str = ""):
     return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_Help)
 
-
+# %% ../nbs/23_cli.ipynb #b2707906
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unifiededit", description="ROME, MEMIT and EMMET model editing, derived from one "
                                 "preservation-memorization objective. Run `unifiededit COMMAND --help` for each command.")
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--seed", type=int, default=0, help="seed of the record sample and the templates")
     return p
 
-
+# %% ../nbs/23_cli.ipynb #a757b6c8
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(True)

@@ -36,7 +36,7 @@ def _write(adapter: ModelAdapter, layer: int, delta: torch.Tensor):
     W = adapter.read_weight(layer)
     adapter.write_weight(layer, (W.double() + delta.to(W.device, torch.float64)).to(W.dtype))
 
-
+# %% ../nbs/14_editing.ipynb #85ea42a5
 @dataclass
 class Edit:
     """Per-layer weight updates of one edit, with provenance and diagnostics; apply, revert, save and load it.

@@ -167,7 +167,7 @@ def _read_mapping(path: Path) -> dict:
     if not isinstance(data, dict): raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(data).__name__}")
     return data
 
-
+# %% ../nbs/13_hparams.ipynb #ef753acf
 _ROME_KEY_FLAGS = ("enable_prompt_keys", "enable_random_prefix_keys", "original_implementation")
 
 
@@ -179,7 +179,7 @@ def _rome_keys_from_flags(flags: dict, source: str) -> str:
     if prefix: return "r-rome"
     return "original" if flags.get("original_implementation", True) else "p-rome"
 
-
+# %% ../nbs/13_hparams.ipynb #af681e3c
 @classmethod
 def _from_dict(cls, data: dict, method: str | None = None, strict: bool = True, source: str = "dict") -> HParams:
     data = dict(data)
@@ -207,7 +207,7 @@ def _from_dict(cls, data: dict, method: str | None = None, strict: bool = True, 
     method = {"unified": "memit"}.get(str(method).lower(), str(method).lower())
     return cls(method=method, meta=meta, **kwargs)
 
-
+# %% ../nbs/13_hparams.ipynb #56d002fd
 @classmethod
 def _from_file(cls, path, method: str | None = None, strict: bool = True) -> HParams:
     """Read an upstream ROME/MEMIT/EMMET JSON file or an EasyEdit YAML file.

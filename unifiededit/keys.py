@@ -185,7 +185,7 @@ def encode_with_subject(tok, texts: Sequence[str], spans: Sequence[tuple[int, in
     pos = [_last_overlap(o, t, sp) for o, t, sp in zip(enc["offset_mapping"], texts, spans)]
     return [list(x) for x in enc["input_ids"]], pos
 
-
+# %% ../nbs/09_keys.ipynb #52eef9d3
 def pad_id(tok) -> int:
     "The id used for padding: the pad token, else EOS, else 0 (masked out either way)."
     for i in (tok.pad_token_id, tok.eos_token_id):
@@ -227,7 +227,7 @@ def _clean_generated(text: str) -> str:
     text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").strip()
     return text.replace("{", " ").replace("}", " ")
 
-
+# %% ../nbs/09_keys.ipynb #2b9273fd
 class ContextTemplates:
     """Groups of context templates, each with exactly one `{}` where the request's prompt goes.
 
@@ -296,7 +296,7 @@ class ContextTemplates:
         "ROME's templates: `'{}'` plus 10 prefixes of 5 tokens and 10 of 10, started from the BOS token."
         return cls.generate(model, tok, ROME_LENGTH_PARAMS, start_words=(None,), seed=seed)
 
-
+# %% ../nbs/09_keys.ipynb #ad3d8add
 def _start_ids(tok, word: str | None) -> list[int]:
     if word is None:
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

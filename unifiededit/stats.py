@@ -117,7 +117,7 @@ def exact_fp32_matmul(enabled: bool = True):
         try: yield
         finally: m.allow_tf32 = old
 
-
+# %% ../nbs/08_stats.ipynb #918c5a1b
 def _layer_list(layers, adapter: ModelAdapter) -> list[int]:
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers: raise ValueError("layers is empty: give at least one layer index")
@@ -126,7 +126,7 @@ def _layer_list(layers, adapter: ModelAdapter) -> list[int]:
             raise ValueError(f"layer {i!r} out of range: the model has layers 0..{adapter.n_layers - 1}")
     return sorted(set(layers))
 
-
+# %% ../nbs/08_stats.ipynb #415e7599
 def _block_edges(d: int, block: int) -> list[int]:
     "Edges 0 = e_0 < … < e_n = d of n ≈ d / block near-equal column blocks."
     n = max(1, round(d / block))
@@ -153,7 +153,7 @@ def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
     "The symmetric matrix whose upper triangle (diagonal included) is acc's."
     return torch.triu(acc) + torch.triu(acc, 1).T
 
-
+# %% ../nbs/08_stats.ipynb #93b8b0d2
 class KeyStatsCollector:
     """Streaming Σ k kᵀ (float64, on each layer's device) for several layers, one truncated forward pass per batch.
 

@@ -296,7 +296,7 @@ def model_fingerprint(model: nn.Module, replace: dict[str, torch.Tensor] | None 
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total}|".encode()); h.update(sample)
     return h.hexdigest()[:16]
 
-
+# %% ../nbs/04_store.ipynb #900a272e
 def tokenizer_fingerprint(tok) -> str:
     "16 hex digits identifying a tokenizer (the full serialization of a fast tokenizer; else its vocabulary)."
     backend = getattr(tok, "backend_tokenizer", None)
@@ -305,7 +305,7 @@ def tokenizer_fingerprint(tok) -> str:
                                                                         sort_keys=True, default=str)
     return digest(type(tok).__name__, s)[:16]
 
-
+# %% ../nbs/04_store.ipynb #07b60c08
 def safe_label(s: str) -> str:
     "`s` reduced to letters, digits and . _ + - (a file or folder name)."
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("._-")[:64] or "model"

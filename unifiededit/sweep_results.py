@@ -133,7 +133,7 @@ class SweepResults:
             rows.append(row)
         return pd.DataFrame(rows)
 
-
+# %% ../nbs/19_sweep_results.ipynb #469045a0
 def load_sweep(out_dir: str | os.PathLike) -> SweepResults:
     "Read a sweep folder (unreadable batch files are reported and skipped: rerunning the sweep recomputes them)."
     out_dir = Path(out_dir)
@@ -148,7 +148,7 @@ def load_sweep(out_dir: str | os.PathLike) -> SweepResults:
         batches.append(b)
     return SweepResults(out_dir, batches, pre["records"])
 
-
+# %% ../nbs/19_sweep_results.ipynb #8ae4b976
 def paired_difference(results: SweepResults, config_a: str, config_b: str, metric: str, level: float = 0.95) -> dict:
     """Mean and CI half-width of `metric(b) − metric(a)` per record, over the records both configurations evaluated
     with a finite value (`config_a` may be 'pre-edit'); `n_excluded` counts shared records left out as non-finite."""
@@ -187,7 +187,7 @@ def _curves(ax, summ, col, scale=1.0, ci=True):
     ax.set_xticks(bs); ax.set_xticklabels([str(b) for b in bs])
     ax.set_xlabel("batch size")
 
-
+# %% ../nbs/19_sweep_results.ipynb #725d6af3
 def plot_sweep(results: SweepResults, metrics: Sequence[str] = SCORE_METRICS + ("overall_score",), *, scale: float = 100,
                pre: bool = True, ncols: int = 4, title: str | None = None):
     """One panel per metric vs batch size (log x): EMMET vs MEMIT (colour, marker), single vs multi-layer (line style),
@@ -217,7 +217,7 @@ def plot_sweep(results: SweepResults, metrics: Sequence[str] = SCORE_METRICS + (
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/19_sweep_results.ipynb #f0d0376c
 def plot_diagnostics(results: SweepResults, title: str | None = None):
     "‖Δ‖_F and κ(KᵀC⁻¹K) vs batch size (log-log), per method and layer mode."
     import matplotlib.pyplot as plt

@@ -69,7 +69,7 @@ def target_token_ids(tok, request: EditRequest) -> list[int]:
     if not ids: raise ValueError(f"target {request.target_new!r} adds no token after {text!r}")
     return ids
 
-
+# %% ../nbs/10_values.ipynb #044c32de
 @dataclass
 class ValuePrompts:
     "The sequences of one edit's value loss: rows 0..N-1 rewrite prompts (template order), row N the KL prompt."
@@ -101,7 +101,7 @@ def value_prompts(tok, request: EditRequest, templates) -> ValuePrompts:
         rows.append(x + target[:-1])
     return ValuePrompts(rows + [ids[-1]], pos, target, tpos)
 
-
+# %% ../nbs/10_values.ipynb #bb25308f
 def fitting_value_prompts(model, tok, requests: Sequence, templates) -> list[ValuePrompts]:
     "`value_prompts` of every request, refused (naming the request) when a row is longer than the model's positions."
     reqs = as_requests(requests)
