@@ -279,7 +279,7 @@ def test_suffix_path_runs_fewer_flops():
 
 
 def test_reuse_prefix_needs_a_cache_aware_decoder(monkeypatch):
-    import unifiededit.values as V
+    import unifiededit.batched_values as V
     monkeypatch.setattr(V, "_WARNED", set())
     model, tok = setup("bpe")
     base = model.base_model
