@@ -123,22 +123,24 @@ def score_targets(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int 
 def _finite(xs) -> bool: return all(math.isfinite(x) for x in xs)
 
 
-def prob_success(nll_preferred: Sequence[float], nll_other: Sequence[float]) -> float:
-    "Fraction of prompts where the preferred target is more likely than the other one; NaN if any NLL is not finite."
+def _paired(nll_preferred: Sequence[float], nll_other: Sequence[float]):
+    "Both NLL sequences as float64 arrays (equal length, 1-D, non-empty), or None if any value is not finite."
     a, b = np.asarray(nll_preferred, dtype=np.float64), np.asarray(nll_other, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"need two equal-length non-empty 1-D sequences, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()): return float("nan")
-    return float(np.mean(b > a))
+    return (a, b) if np.isfinite(a).all() and np.isfinite(b).all() else None
+
+
+def prob_success(nll_preferred: Sequence[float], nll_other: Sequence[float]) -> float:
+    "Fraction of prompts where the preferred target is more likely than the other one; NaN if any NLL is not finite."
+    ab = _paired(nll_preferred, nll_other)
+    return float("nan") if ab is None else float(np.mean(ab[1] > ab[0]))
 
 
 def prob_magnitude(nll_preferred: Sequence[float], nll_other: Sequence[float]) -> float:
     "Mean of P(preferred) - P(other), P = exp(-mean per-token NLL); NaN if any NLL is not finite."
-    a, b = np.asarray(nll_preferred, dtype=np.float64), np.asarray(nll_other, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two equal-length non-empty 1-D sequences, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()): return float("nan")
-    return float(np.mean(np.exp(-a) - np.exp(-b)))
+    ab = _paired(nll_preferred, nll_other)
+    return float("nan") if ab is None else float(np.mean(np.exp(-ab[0]) - np.exp(-ab[1])))
 
 # %% ../nbs/16_scores.ipynb #e3bba7f2
 def harmonic_mean(xs: Sequence[float]) -> float:
