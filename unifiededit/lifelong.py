@@ -52,14 +52,18 @@ def perplexity(model, tok, texts: Sequence[str], max_length: int = 256, batch_si
 LIFELONG_FORMAT = "unifiededit.lifelong/1"
 
 
+def _finite_or_none(x: float) -> float | None: return x if math.isfinite(x) else None
+
+
 def _scores(run, case_ids=None) -> dict:
-    "Means (×100) and 95 % half-widths of ES/PS/NS over all records of `run`, or over `case_ids`."
+    """Means (×100) and 95 % half-widths of ES/PS/NS over all records of `run`, or over `case_ids`; None (JSON null)
+    where a value is undefined: no records, or one record (no spread, so no interval)."""
     from unifiededit.scores import mean_ci
     out = {}
     for m in ("efficacy_score", "paraphrase_score", "neighborhood_score"):
         vals = [v for c, v in run.values(m).items() if (case_ids is None or c in case_ids) and math.isfinite(v)]
         mean, ci = mean_ci(vals) if vals else (math.nan, math.nan)
-        out[m] = {"mean": 100 * mean, "ci": 100 * ci, "n": len(vals)}
+        out[m] = {"mean": _finite_or_none(100 * mean), "ci": _finite_or_none(100 * ci), "n": len(vals)}
     return out
 
 
@@ -188,7 +192,8 @@ def lifelong_table(runs: dict[str, LifelongRun]):
         c, pre = r.checkpoints[-1], r.pre
         row = {"method": name, "edits": c["n_edits"], "complete": r.complete}
         for m, ab in (("efficacy_score", "ES"), ("paraphrase_score", "PS"), ("neighborhood_score", "NS")):
-            row[ab] = f"{c['all'][m]['mean']:.1f} ± {c['all'][m]['ci']:.1f} ({pre['all'][m]['mean']:.1f})"
+            s, ci = c["all"][m], c["all"][m]["ci"]
+            row[ab] = f"{s['mean']:.1f}" + (f" ± {ci:.1f}" if ci is not None else "") + f" ({pre['all'][m]['mean']:.1f})"
         row["ES first batch"] = round(c["first_batch"]["efficacy_score"]["mean"], 1)
         row["‖W−W0‖"] = round(c["delta_norm"], 2)
         if "perplexity" in c: row["PPL"] = f"{pre['perplexity']:.2f} → {c['perplexity']:.2f}"
@@ -214,9 +219,10 @@ def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
             if not r.checkpoints: continue
             x = [0] + [c["n_edits"] for c in r.checkpoints]
             if metric:
+                nan = lambda v: math.nan if v is None else v  # noqa: E731  (JSON null: undefined)
                 ys = [c[key][metric] for c in r.checkpoints]
-                y = [r.pre[key][metric]["mean"] if key == "first_batch" else math.nan] + [s["mean"] for s in ys]
-                ci = [math.nan] + [s["ci"] for s in ys]
+                y = [nan(r.pre[key][metric]["mean"]) if key == "first_batch" else math.nan] + [nan(s["mean"]) for s in ys]
+                ci = [math.nan] + [nan(s["ci"]) for s in ys]
                 line, = ax.plot(x, y, marker="o", ms=3, label=name)
                 ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=line.get_color(),
                                 alpha=0.15)
