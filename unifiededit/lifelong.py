@@ -210,26 +210,28 @@ LIFELONG_PANELS = (("all", "efficacy_score", "ES: every edit so far"), ("all", "
 
 
 def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
-    """The curves of `runs` against the number of edits (x = 0: the unedited model), with 95 % bands for the scores;
-    grey dashes: the unedited model's scores on the same records."""
+    """The curves of `runs` against the number of edits (x = 0: the unedited model), with 95 % bands for the scores
+    (clipped to [0, 100]); grey dashes: the unedited model's scores on the same records. Each method has its own line
+    style, so that curves that coincide (MEMIT and EMMET, often) stay visible."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(2, 3, figsize=(11, 6.2))
     for ax, (key, metric, label) in zip(axs.flat, LIFELONG_PANELS):
-        for name, r in runs.items():
+        for i, (name, r) in enumerate(runs.items()):
             if not r.checkpoints: continue
             x = [0] + [c["n_edits"] for c in r.checkpoints]
+            style = dict(marker="os^vD"[i % 5], ms=3, ls=("-", "--", "-.", ":")[i % 4], label=name)
             if metric:
                 nan = lambda v: math.nan if v is None else v  # noqa: E731  (JSON null: undefined)
                 ys = [c[key][metric] for c in r.checkpoints]
                 y = [nan(r.pre[key][metric]["mean"]) if key == "first_batch" else math.nan] + [nan(s["mean"]) for s in ys]
                 ci = [math.nan] + [nan(s["ci"]) for s in ys]
-                line, = ax.plot(x, y, marker="o", ms=3, label=name)
-                ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=line.get_color(),
-                                alpha=0.15)
+                line, = ax.plot(x, y, **style)
+                ax.fill_between(x, [max(a - b, 0) for a, b in zip(y, ci)], [min(a + b, 100) for a, b in zip(y, ci)],
+                                color=line.get_color(), alpha=0.15)
                 if key == "all": ax.axhline(r.pre["all"][metric]["mean"], color="grey", ls="--", lw=0.8)
             else:
                 y = [0.0 if key == "delta_norm" else r.pre.get(key, math.nan)] + [c.get(key, math.nan) for c in r.checkpoints]
-                ax.plot(x, y, marker="o", ms=3, label=name)
+                ax.plot(x, y, **style)
         ax.set_title(label, fontsize=9); ax.set_xlabel("edits made", fontsize=8); ax.grid(alpha=0.3)
     axs.flat[0].legend(fontsize=7)
     if title: fig.suptitle(title, fontsize=10)
