@@ -90,7 +90,7 @@ def _checkpoint(model, tok, records, b: int, B: int, adapter, layers, W0: dict, 
     row["seconds_eval"] = time.perf_counter() - t
     return row
 
-
+# %% ../nbs/20_lifelong.ipynb #79f6af4f
 def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, stats, templates=None,
                  batch_size: int = 16, eval_every: int = 8, ppl_texts: Sequence[str] = (), eval_batch_size: int = 32,
                  time_budget: float | None = None, log: Callable = print, progress: bool = True) -> LifelongRun:
