@@ -5,7 +5,6 @@
 # %% ../nbs/02_models.ipynb #96819e2d
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +13,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'PRECISIONS',
            'execution_device', 'parameter_value', 'set_parameter_value', 'named_parameter_values', 'ModelAdapter',
-           'tiny_tokenizer', 'tiny_model', 'eval_mode', 'forward_precision', 'max_positions', 'cache_kwarg',
-           'output_cache']
+           'tiny_tokenizer', 'tiny_model', 'eval_mode', 'cuda_tf32', 'forward_precision', 'max_positions',
+           'cache_kwarg', 'output_cache']
 
 # %% ../nbs/02_models.ipynb #e2923c05
 REWRITE_CANDIDATES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2",
@@ -372,6 +371,21 @@ PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 @contextmanager
+def cuda_tf32(allow: bool):
+    """CUDA float32 matrix products rounded to TF32 (`allow=True`) or exact IEEE float32 (`False`) for the duration,
+    through whichever switch this torch has (`fp32_precision`, or `allow_tf32` in older releases); restored on exit."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision; m.fp32_precision = "tf32" if allow else "ieee"
+        try: yield
+        finally: m.fp32_precision = old
+    else:
+        old = m.allow_tf32; m.allow_tf32 = allow
+        try: yield
+        finally: m.allow_tf32 = old
+
+
+@contextmanager
 def forward_precision(device: torch.device, precision: str):
     """The forward passes' arithmetic: 'float32' as the caller has it; 'tf32' lets CUDA round float32 products to
     TF32 (no effect elsewhere); 'bfloat16' autocasts them (parameters, δ and the loss stay float32)."""
@@ -379,15 +393,7 @@ def forward_precision(device: torch.device, precision: str):
     if precision == "bfloat16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16): yield
     elif precision == "tf32" and device.type == "cuda":
-        m = torch.backends.cuda.matmul
-        if hasattr(m, "fp32_precision"):
-            old = m.fp32_precision; m.fp32_precision = "tf32"
-            try: yield
-            finally: m.fp32_precision = old
-        else:
-            old = m.allow_tf32; m.allow_tf32 = True
-            try: yield
-            finally: m.allow_tf32 = old
+        with cuda_tf32(True): yield
     else: yield
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .corpus import Corpus, as_corpus, default_corpus, special_prefix, token_batches
 from .hooks import StopForward, _first_tensor
-from .models import PRECISIONS, ModelAdapter, eval_mode, forward_precision, max_positions
+from .models import PRECISIONS, ModelAdapter, cuda_tf32, eval_mode, forward_precision, max_positions
 from .store import (Config, CorruptFile, TensorCache, check_bool, check_choice, check_int, check_real,
                                load_tensors, model_id, tokenizer_fingerprint)
 
@@ -107,15 +107,7 @@ def exact_fp32_matmul(enabled: bool = True):
     "Temporarily make CUDA float32 matmuls IEEE float32 (no TF32); a no-op without CUDA."
     if not (enabled and torch.cuda.is_available()):
         yield; return
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        old = m.fp32_precision; m.fp32_precision = "ieee"
-        try: yield
-        finally: m.fp32_precision = old
-    else:
-        old = m.allow_tf32; m.allow_tf32 = False
-        try: yield
-        finally: m.allow_tf32 = old
+    with cuda_tf32(False): yield
 
 # %% ../nbs/08_stats.ipynb #918c5a1b
 def _layer_list(layers, adapter: ModelAdapter) -> list[int]:
