@@ -1,9 +1,8 @@
 """Sphinx configuration for the unifiededit documentation site.
 
 Do not run `sphinx-build` on this folder directly: `python docs/build.py` first stages the sources (README.md as the
-index page, the notebooks with nbdev directives stripped, one API page per exported module) and vendors MathJax, then
-runs Sphinx with this file as its configuration, passing the per-build values (project name, version, the folder
-holding the vendored MathJax) as overrides.
+index page, the notebooks with nbdev directives stripped, one API page per exported module), then runs Sphinx with
+this file as its configuration, passing the values of settings.ini (project name, version, ...) as overrides.
 """
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ extensions = [
     "myst_nb",              # notebooks (stored outputs) and Markdown
     "sphinx.ext.autodoc",   # API reference from the modules nbdev exports
     "sphinx.ext.napoleon",  # Google/NumPy-style sections in docstrings
-    "sphinx.ext.mathjax",   # math, with a vendored MathJax (mathjax_path below)
+    "sphinx.ext.mathjax",   # math, typeset by ...
+    "sphinx-mathjax-offline",  # ... MathJax 3.2.2 from this package, copied to _static/mathjax: no CDN
     "sphinx.ext.viewcode",  # highlighted module source beside the API reference
 ]
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
@@ -39,8 +39,7 @@ myst_heading_anchors = 3         # `[text](#some-heading)` links, as on GitHub a
 # two classes) stays a link to the first match rather than failing the build
 suppress_warnings = ["mystnb.unknown_mime_type", "ref.python"]
 
-# -- math: MathJax 3 served from _static/mathjax (copied by build.py from the npm package), nothing from a CDN ------
-mathjax_path = "mathjax/tex-chtml.js"
+# -- math: MathJax 3 from _static/mathjax (sphinx-mathjax-offline sets mathjax_path = "mathjax/tex-chtml.js") -------
 # TeX packages beyond base/ams (boldsymbol, mathtools, physics, ...) autoload from the vendored copy;
 # myst-parser fills options.processHtmlClass so that only Sphinx math nodes are typeset.
 mathjax3_config = {"options": {}}
@@ -64,7 +63,7 @@ napoleon_numpy_docstring = True
 # -- HTML -----------------------------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = project
-html_static_path = ["_static"]  # build.py appends the vendored MathJax folder
+html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_js_files = ["file-protocol.js"]  # search without result summaries when the site is opened from disk
 html_favicon = "_static/favicon.svg"

@@ -95,66 +95,63 @@ def _stream(text):
 
 def test_process_notebook_strips_directives_and_hidden_cells(docs_build):
     nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {"jupytext": {}}, "cells": [
-        _md("# Title\n\nInline \\(x\\) and display \\[ y = 1 \\] and `\\(code\\)`."),
+        _md("# Title\n\nInline $x$."),
         _code("#| default_exp demo"),
         _code("#| export\ndef visible_fn(x):  # keep me\n    return x"),
         _code("#|hide\nsecret_hidden_line = 1"),
-        _code("#| include: false\nsecret_included_false = 2"),
-        _code("#| echo: false\nprint('only output')", [_stream("only output\n")]),
-        _code("#| output: false\nnoisy()", [_stream("should not show\n")]),
         _code("#| slow\n#| gpu\nplot()", [_png_output()]),
         _code("#| filter_stream progress\nrun()", [_stream("progress 10%\nresult 3\n")]),
         _code("x = 1  #| hide_line\ny = 2"),
-        _code("out()", [{"output_type": "display_data", "metadata": {},
-                         "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "a"}}}]),
     ]}
     before = json.dumps(nb)
-    out = docs_build.process_notebook(nb, Path("nbs/07_demo.ipynb"))
+    out = docs_build.process_notebook(nb, Path("nbs/07_demo.ipynb"), api_link="[`m`](../api/m.md)")
     assert json.dumps(nb) == before, "process_notebook must not modify its input"
     cells = out["cells"]
     sources = "\n".join(c["source"] for c in cells)
-    assert "#|" not in sources
-    assert "secret_hidden_line" not in sources and "secret_included_false" not in sources
-    assert "default_exp" not in sources
+    assert "#|" not in sources and "secret_hidden_line" not in sources and "default_exp" not in sources
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert code[0]["source"] == "def visible_fn(x):  # keep me\n    return x" and not code[0]["metadata"].get("tags")
-    echo = next(c for c in code if "only output" in c["source"])
-    assert echo["metadata"]["tags"] == ["remove-input"] and echo["outputs"]
-    noisy = next(c for c in code if "noisy()" in c["source"])
-    assert noisy["outputs"] == [] and "remove-output" in noisy["metadata"]["tags"]
-    plot = next(c for c in code if c["source"] == "plot()")
-    assert plot["outputs"][0]["data"]["image/png"] == "iVBORw0KGgo="
-    run = next(c for c in code if c["source"] == "run()")
-    assert run["outputs"][0]["text"] == "result 3\n"
-    assert any(c["source"] == "y = 2" for c in code)
-    assert not any(c["source"] == "out()" and c["outputs"] for c in code), "widget-only output must be dropped"
-    md = cells[0]["source"]
-    assert "$x$" in md and "$$ y = 1 $$" in md and "`\\(code\\)`" in md
-    assert all("id" in c for c in cells) and out["metadata"]["kernelspec"]["language"] == "python"
-    assert "jupytext" not in out["metadata"]
+    assert [c["source"] for c in code] == ["def visible_fn(x):  # keep me\n    return x", "plot()", "run()", "y = 2"]
+    assert code[1]["outputs"][0]["data"]["image/png"] == "iVBORw0KGgo="
+    assert code[2]["outputs"][0]["text"] == "result 3\n"
+    assert cells[0]["source"] == "# Title\n\nInline $x$." and cells[-1]["source"].endswith("[`m`](../api/m.md)")
+    assert len({c["id"] for c in cells}) == len(cells) and out["metadata"]["kernelspec"]["language"] == "python"
 
 
-def test_process_notebook_adds_title_when_missing(docs_build):
-    nb = {"nbformat": 4, "nbformat_minor": 4, "metadata": {}, "cells": [_md("## Only a section"), _code("1")]}
-    out = docs_build.process_notebook(nb, Path("nbs/12_some_topic.ipynb"))
-    assert out["cells"][0]["source"] == "# Some topic"
-    fm = {"nbformat": 4, "nbformat_minor": 4, "metadata": {}, "cells": [
-        {"cell_type": "raw", "metadata": {}, "source": "---\ntitle: From front matter\ndescription: Why\n---"}]}
-    assert docs_build.process_notebook(fm, Path("nbs/x.ipynb"))["cells"][0]["source"] == "# From front matter\n\n> Why"
+@pytest.mark.parametrize("cells, why", [
+    ([_md("# T"), _code("#| echo: false\nprint(1)")], "echo"),         # Quarto's option: not silently ignored
+    ([_md("## Only a section"), _code("1")], "# Title"),
+])
+def test_process_notebook_refuses_what_it_cannot_render(docs_build, cells, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        docs_build.process_notebook({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": cells},
+                                    Path("nbs/12_x.ipynb"))
 
 
-def test_bracket_math_conversion_leaves_code_and_existing_math_alone(docs_build):
-    f = docs_build.convert_bracket_math
-    assert f(r"a \(x\) b") == "a $x$ b"
-    assert f("```\n\\[not math\\]\n```") == "```\n\\[not math\\]\n```"
-    assert f(r"$$a \\[2pt] b$$") == r"$$a \\[2pt] b$$"
-    assert f("multi\n\\[\na\n\\]\nline") == "multi\n$$ a $$\nline"
+def test_every_chapter_uses_only_directives_the_build_handles(docs_build):
+    for nb_path in docs_build.notebooks(REPO):
+        nb = json.loads(nb_path.read_text(encoding="utf-8"))
+        docs_build.process_notebook(nb, nb_path)  # raises on an unknown directive or a missing title
 
 
 def test_cell_directives_are_nbdevs(docs_build):
-    cell = {"cell_type": "code", "source": "#| export\n#|echo: false\n#| code-fold: true\n#| filter_stream a b\n\nx = 1"}
-    assert docs_build.cell_directives(cell) == {"export": "", "echo": "false", "code_fold": "true", "filter_stream": "a b"}
+    cell = {"cell_type": "code", "source": "#| export\n#|echo: false\n#| filter_stream a b\n\nx = 1"}
+    assert docs_build.cell_directives(cell) == {"export": "", "echo": "false", "filter_stream": "a b"}
     assert docs_build.cell_directives({"cell_type": "markdown", "source": "#| export"}) == {}
+
+
+def test_build_docstring_examples_run(docs_build):
+    import doctest
+    res = doctest.testmod(docs_build)
+    assert res.attempted >= 3 and res.failed == 0
+
+
+def test_links_to_files_that_are_not_pages_point_at_the_git_host(docs_build):
+    settings = docs_build.read_settings(REPO)
+    md = "[c](nbs/00_objective.ipynb) [r](benchmarks/README.md) [d](docs) [a](#x) [u](https://x.org/y)"
+    out = docs_build.repoint_links(md, {"nbs/00_objective.ipynb"}, settings)
+    base = settings.git_url.rstrip("/")
+    assert out == (f"[c](nbs/00_objective.ipynb) [r]({base}/blob/{settings.branch}/benchmarks/README.md) "
+                   f"[d]({base}/tree/{settings.branch}/docs) [a](#x) [u](https://x.org/y)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,8 +234,7 @@ def test_pages_have_no_directives_no_hidden_cells_and_show_exports(site, docs_bu
                     line = line.strip()
                     if len(line) > 20 and not line.startswith("#") and line not in visible:
                         assert _norm(line) not in _norm(text), f"{nb_path.name}: `#| hide` line on the page: {line}"
-            elif ("export" in dirs or "exports" in dirs) and not docs_build._false(dirs.get("echo")) \
-                    and "hide_input" not in dirs:
+            elif "export" in dirs or "exports" in dirs:
                 body = [l for l in src.splitlines() if l.strip() and not re.match(r"\s*#\s*\|", l)]
                 if body:
                     assert _norm(body[0]) in code_text, f"{nb_path.name}: exported code not shown: {body[0]}"
@@ -251,8 +247,7 @@ def test_stored_images_are_on_the_pages(site, docs_build):
         expected = 0
         for cell in nb["cells"]:
             dirs = _cell_directives(docs_build, cell)
-            if cell["cell_type"] != "code" or "hide" in dirs or "hide_output" in dirs \
-                    or docs_build._false(dirs.get("output")) or docs_build._false(dirs.get("include")):
+            if cell["cell_type"] != "code" or "hide" in dirs:
                 continue
             expected += sum(1 for o in cell.get("outputs", []) if
                             any(k.startswith("image/") for k in o.get("data", {})))
@@ -264,26 +259,19 @@ def test_stored_images_are_on_the_pages(site, docs_build):
 
 def test_api_reference_documents_every_export(site, docs_build):
     mods = site["modules"]
-    assert mods, "no exported module found"
-    modidx = REPO / "unifiededit" / "_modidx.py"
-    if modidx.exists():  # every module nbdev indexed that exports something has a page
-        import ast
-        tree = ast.parse(modidx.read_text(encoding="utf-8"))
-        listed = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign))["syms"]
-        for name in listed:
-            path = REPO.joinpath(*name.split(".")).with_suffix(".py")
-            if path.exists() and docs_build._static_all(path)[0]:
-                assert name in {m.name for m in mods}, f"{name} exports names but has no API page"
+    from unifiededit._modidx import d
+    # every module nbdev indexed that exports something has a page
+    assert {m.__name__ for m in mods} == {n for n in d["syms"] if importlib.import_module(n).__dict__.get("__all__")}
     for m in mods:
-        page = site["out"] / "api" / f"{m.name}.html"
-        assert page.is_file(), f"no API page for {m.name}"
+        page = site["out"] / "api" / f"{m.__name__}.html"
+        assert page.is_file(), f"no API page for {m.__name__}"
         soup = _soup(page)
         ids = {dt.get("id") for dt in soup.select("dl.py dt[id]")}
-        missing = [n for n in m.exports if f"{m.name}.{n}" not in ids]
-        assert not missing, f"{m.name}: exported but not in the API reference: {missing}"
+        missing = [n for n in m.__all__ if f"{m.__name__}.{n}" not in ids]
+        assert not missing, f"{m.__name__}: exported but not in the API reference: {missing}"
         for dt in soup.select("dl.py.function > dt[id], dl.py.class > dt[id]"):
             if not dt.select_one(".sig-paren"):  # Sphinx writes no "()" only for a class built without arguments
-                obj = getattr(importlib.import_module(m.name), dt["id"].rsplit(".", 1)[1])
+                obj = getattr(m, dt["id"].rsplit(".", 1)[1])
                 assert inspect.isclass(obj) and not inspect.signature(obj).parameters, f"{dt['id']}: no signature"
 
 
