@@ -201,11 +201,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def _subparser(sub, name: str, help: str, description: str, epilog: str = ""):
     return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_Help)
 
-# %% ../nbs/23_cli.ipynb #b2707906
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unifiededit", description="ROME, MEMIT and EMMET model editing, derived from one "
-                                "preservation-memorization objective. Run `unifiededit COMMAND --help` for each command.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# %% ../nbs/23_cli.ipynb #f009d09c
+def _demo_parser(sub) -> argparse.ArgumentParser:
+    "The `demo` command's options."
     d = _subparser(sub, "demo", "edit SmolLM2-135M-Instruct: the Eiffel Tower moves to Rome",
                    "Edit 'The Eiffel Tower is located in the city of' -> Rome on a real model, show greedy "
                    "continuations before and after (the edited prompt, paraphrases, unrelated facts), then revert.")
@@ -215,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-tokens", type=_n_tokens, default=8_192, help=_NTOK_HELP)
     d.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     d.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    return d
+
+# %% ../nbs/23_cli.ipynb #7dff62b1
+def _edit_parser(sub) -> argparse.ArgumentParser:
+    "The `edit` command's options."
     e = _subparser(sub, "edit", "write one fact into a model",
                    "Write one fact into a model: PROMPT with {} for SUBJECT should continue with TARGET. Shows greedy "
                    "continuations before and after; --save writes the edit (deltas, settings, checksum) to a file.",
@@ -237,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated per prompt")
     e.add_argument("--save", default=None, help="write the edit to this .safetensors file")
     e.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    return e
+
+# %% ../nbs/23_cli.ipynb #fbf019d8
+def _sweep_parser(sub) -> argparse.ArgumentParser:
+    "The `sweep` command's options."
     s = _subparser(sub, "sweep", "edit dataset records at several batch sizes with ROME/MEMIT/EMMET (resumable)",
                    "Batch-size sweep (chapter 18): every (method, layer mode, batch size) edits the same sampled "
                    "records, evaluates them (ES/PS/NS) and writes one JSON file per batch to --out; target values are "
@@ -269,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="discard results of different settings in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--seed", type=int, default=0, help="seed of the record sample, templates and sampled text")
+    return s
+
+# %% ../nbs/23_cli.ipynb #79032c05
+def _lifelong_parser(sub) -> argparse.ArgumentParser:
+    "The `lifelong` command's options."
     lf = _subparser(sub, "lifelong", "edit records in sequence with several methods, evaluating as edits accumulate",
                     "Lifelong (sequential) editing (chapter 20): each method edits the same sampled records batch after "
                     "batch without restoring the weights, and every --eval-every batches scores every edit so far, the "
@@ -295,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     lf.add_argument("--quiet", action="store_true", help="no progress bars")
     lf.add_argument("--seed", type=int, default=0, help="seed of the record sample and the templates")
+    return lf
+
+# %% ../nbs/23_cli.ipynb #4bba239d
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unifiededit", description="ROME, MEMIT, EMMET, ENCORE and AlphaEdit model editing, derived from one "
+                                "preservation-memorization objective. Run `unifiededit COMMAND --help` for each command.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _demo_parser(sub)
+    _edit_parser(sub)
+    _sweep_parser(sub)
+    _lifelong_parser(sub)
     return p
 
 # %% ../nbs/23_cli.ipynb #a757b6c8
