@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .hooks import Trace
 from .hparams import HParams
@@ -61,50 +62,56 @@ class Edit:
     @property
     def applied(self) -> bool: return self._originals is not None
 
-    def _adapter(self, model) -> ModelAdapter:
-        "The model's adapter, checked against the deltas (module names, shapes) before anything is written."
-        overrides = {k: self.hparams[k] for k in _MODULE_FIELDS if self.hparams.get(k)}
-        adapter = ModelAdapter.from_model(model, **overrides)
-        for layer, delta in sorted(self.deltas.items()):
-            name = adapter.name("rewrite", layer)
-            if name != self.module_names[layer]:
-                raise ValueError(f"layer {layer}: this edit was computed for module {self.module_names[layer]!r}, "
-                                 f"the model's is {name!r}")
-            if tuple(adapter.weight(layer).shape) != tuple(delta.shape):
-                raise ValueError(f"layer {layer}: delta shape {tuple(delta.shape)} does not match weight "
-                                 f"{tuple(adapter.weight(layer).shape)} of {name}")
-        return adapter
-
-    def apply(self, model=None, *, check_base: bool = True) -> "Edit":
-        """Write W + Δ into `model` (default: the model it was computed on), keeping the originals for `revert`.
-        An edit that knows its base weights (a saved one) refuses a model whose weights differ — another model, or
-        one that already carries this or another edit — unless `check_base=False`."""
-        if self.applied: raise RuntimeError("this edit is already applied; revert() it first")
-        model = model if model is not None else self.model
-        if model is None: raise ValueError("no model: pass the model to apply this edit to")
-        adapter = self._adapter(model)
-        if check_base and self.base_fingerprint is not None:
-            fp = model_fingerprint(model)
-            if fp != self.base_fingerprint:
-                raise ValueError(f"this edit was computed on weights with fingerprint {self.base_fingerprint}, this model's "
-                                 f"are {fp}: another model, or one that already carries this or another edit. Apply "
-                                 "it to the model it was made for (reverted first), or pass check_base=False")
-        originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in self.layers}
-        for layer in self.layers: _write(adapter, layer, self.deltas[layer])
-        self.model, self._originals = model, originals
-        return self
-
-    def revert(self) -> "Edit":
-        "Restore the edited weights bit for bit."
-        if not self.applied: raise RuntimeError("this edit is not applied; nothing to revert")
-        for name, w in self._originals.items(): set_parameter_value(self.model, name, w)
-        self._originals = None
-        return self
-
     def __repr__(self) -> str:
         norms = ", ".join(f"{l}: {float(self.deltas[l].norm()):.3g}" for l in self.layers)
         return (f"Edit({self.method}, {len(self.requests)} request(s), layers {self.layers}, ‖Δ‖ {{{norms}}}, "
                 f"{'applied' if self.applied else 'not applied'})")
+
+# %% ../nbs/14_editing.ipynb #c6d29cab
+@patch
+def _adapter(self: Edit, model) -> ModelAdapter:
+    "The model's adapter, checked against the deltas (module names, shapes) before anything is written."
+    overrides = {k: self.hparams[k] for k in _MODULE_FIELDS if self.hparams.get(k)}
+    adapter = ModelAdapter.from_model(model, **overrides)
+    for layer, delta in sorted(self.deltas.items()):
+        name = adapter.name("rewrite", layer)
+        if name != self.module_names[layer]:
+            raise ValueError(f"layer {layer}: this edit was computed for module {self.module_names[layer]!r}, "
+                             f"the model's is {name!r}")
+        if tuple(adapter.weight(layer).shape) != tuple(delta.shape):
+            raise ValueError(f"layer {layer}: delta shape {tuple(delta.shape)} does not match weight "
+                             f"{tuple(adapter.weight(layer).shape)} of {name}")
+    return adapter
+
+
+@patch
+def apply(self: Edit, model=None, *, check_base: bool = True) -> "Edit":
+    """Write W + Δ into `model` (default: the model it was computed on), keeping the originals for `revert`.
+    An edit that knows its base weights (a saved one) refuses a model whose weights differ — another model, or
+    one that already carries this or another edit — unless `check_base=False`."""
+    if self.applied: raise RuntimeError("this edit is already applied; revert() it first")
+    model = model if model is not None else self.model
+    if model is None: raise ValueError("no model: pass the model to apply this edit to")
+    adapter = self._adapter(model)
+    if check_base and self.base_fingerprint is not None:
+        fp = model_fingerprint(model)
+        if fp != self.base_fingerprint:
+            raise ValueError(f"this edit was computed on weights with fingerprint {self.base_fingerprint}, this model's "
+                             f"are {fp}: another model, or one that already carries this or another edit. Apply "
+                             "it to the model it was made for (reverted first), or pass check_base=False")
+    originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in self.layers}
+    for layer in self.layers: _write(adapter, layer, self.deltas[layer])
+    self.model, self._originals = model, originals
+    return self
+
+
+@patch
+def revert(self: Edit) -> "Edit":
+    "Restore the edited weights bit for bit."
+    if not self.applied: raise RuntimeError("this edit is not applied; nothing to revert")
+    for name, w in self._originals.items(): set_parameter_value(self.model, name, w)
+    self._originals = None
+    return self
 
 # %% ../nbs/14_editing.ipynb #f14347e5
 EDIT_FORMAT = "unifiededit.Edit/2"

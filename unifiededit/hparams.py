@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fastcore.basics import patch
 from .keys import MEMIT_START_WORDS, KeyConfig
 from .models import ModelAdapter
 from .stats import StatsConfig
@@ -135,26 +136,35 @@ class HParams:
             raise ValueError("AlphaEdit needs exactly one of nullspace_threshold (absolute, upstream) and "
                              f"nullspace_relative, got {self.nullspace_threshold!r} and {self.nullspace_relative!r}")
 
-    @property
-    def value_config(self) -> ValueConfig: return _stage_config(self, ValueConfig, VALUE_FIELDS)
+# %% ../nbs/13_hparams.ipynb #36acc832
+@patch(as_prop=True)
+def value_config(self: HParams) -> ValueConfig: return _stage_config(self, ValueConfig, VALUE_FIELDS)
 
-    @property
-    def stats_config(self) -> StatsConfig: return _stage_config(self, StatsConfig, STATS_FIELDS)
 
-    @property
-    def key_config(self) -> KeyConfig:
-        "ROME samples its templates from the BOS token (upstream), the others from MEMIT's five start words."
-        return _stage_config(self, KeyConfig, KEY_FIELDS, start_words=(None,) if self.method == "rome" else MEMIT_START_WORDS)
+@patch(as_prop=True)
+def stats_config(self: HParams) -> StatsConfig: return _stage_config(self, StatsConfig, STATS_FIELDS)
 
-    def module_overrides(self) -> dict:
-        "The module-name fields that are set, as `ModelAdapter.from_model` keyword arguments."
-        names = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-                 "lm_head_module")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
+@patch(as_prop=True)
+def key_config(self: HParams) -> KeyConfig:
+    "ROME samples its templates from the BOS token (upstream), the others from MEMIT's five start words."
+    return _stage_config(self, KeyConfig, KEY_FIELDS, start_words=(None,) if self.method == "rome" else MEMIT_START_WORDS)
 
-    def replace(self, **changes) -> "HParams": return dataclasses.replace(self, **changes)
+
+@patch
+def module_overrides(self: HParams) -> dict:
+    "The module-name fields that are set, as `ModelAdapter.from_model` keyword arguments."
+    names = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+             "lm_head_module")
+    return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@patch
+def to_dict(self: HParams) -> dict: return dataclasses.asdict(self)
+
+
+@patch
+def replace(self: HParams, **changes) -> "HParams": return dataclasses.replace(self, **changes)
 
 # %% ../nbs/13_hparams.ipynb #18efe992
 def _read_mapping(path: Path) -> dict:

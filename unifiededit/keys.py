@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .hooks import Trace
 from .models import ModelAdapter, eval_mode, execution_device, max_positions
@@ -29,7 +30,6 @@ def _target_str(x: Any, field: str) -> str | None:
         x = x["str"]
     if not isinstance(x, str): raise TypeError(f"{field} must be a str or {{'str': ...}}, got {type(x).__name__}: {x!r}")
     return x
-
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -72,38 +72,43 @@ class EditRequest:
         "Character span [start, end) of the subject (without surrounding whitespace) in `text`."
         return fill(self, "{}")[1]
 
-    @classmethod
-    def from_any(cls, x: Any) -> "EditRequest":
-        """An `EditRequest` from itself, a CounterFact-style dict (targets as str or {'str': ...}), or a full
-        CounterFact record holding `requested_rewrite` (its `case_id` is kept)."""
-        if isinstance(x, cls): return x
-        if not isinstance(x, dict):
-            raise TypeError(f"cannot make an EditRequest from {type(x).__name__}: {x!r}")
-        case_id = x.get("case_id")
-        if "requested_rewrite" in x: x = x["requested_rewrite"]
-        missing = [k for k in ("prompt", "subject", "target_new") if k not in x]
-        if missing: raise ValueError(f"edit request dict lacks {missing}; keys present: {sorted(x)}")
-        return cls(prompt=x["prompt"], subject=x["subject"], target_new=_target_str(x["target_new"], "target_new"),
-                   target_true=_target_str(x.get("target_true"), "target_true"),
-                   case_id=x.get("case_id", case_id))
+# %% ../nbs/09_keys.ipynb #ab27de90
+@patch(cls_method=True)
+def from_any(cls: EditRequest, x: Any) -> "EditRequest":
+    """An `EditRequest` from itself, a CounterFact-style dict (targets as str or {'str': ...}), or a full
+    CounterFact record holding `requested_rewrite` (its `case_id` is kept)."""
+    if isinstance(x, cls): return x
+    if not isinstance(x, dict):
+        raise TypeError(f"cannot make an EditRequest from {type(x).__name__}: {x!r}")
+    case_id = x.get("case_id")
+    if "requested_rewrite" in x: x = x["requested_rewrite"]
+    missing = [k for k in ("prompt", "subject", "target_new") if k not in x]
+    if missing: raise ValueError(f"edit request dict lacks {missing}; keys present: {sorted(x)}")
+    return cls(prompt=x["prompt"], subject=x["subject"], target_new=_target_str(x["target_new"], "target_new"),
+               target_true=_target_str(x.get("target_true"), "target_true"),
+               case_id=x.get("case_id", case_id))
 
-    def to_dict(self) -> dict:
-        "The CounterFact `requested_rewrite` form."
-        d = {"prompt": self.prompt, "subject": self.subject, "target_new": {"str": self.target_new}}
-        if self.target_true is not None: d["target_true"] = {"str": self.target_true}
-        if self.case_id is not None: d["case_id"] = self.case_id
-        return d
 
-    def validate(self, tok) -> "EditRequest":
-        "Checks that need the tokenizer: the target has real tokens and the subject's last token can be found."
-        ids = tok(target_text(self), add_special_tokens=False)["input_ids"]
-        special = set(getattr(tok, "all_special_ids", []) or [])
-        ordinary = [i for i in ids if i not in special]
-        if not ordinary or not tok.decode(ordinary).strip():
-            raise ValueError(f"target_new {self.target_new!r} of {self.text!r} tokenizes to no ordinary token "
-                             f"(ids {ids}); use a target with visible text")
-        subject_last_token(tok, self.text, self.subject_span)
-        return self
+@patch
+def to_dict(self: EditRequest) -> dict:
+    "The CounterFact `requested_rewrite` form."
+    d = {"prompt": self.prompt, "subject": self.subject, "target_new": {"str": self.target_new}}
+    if self.target_true is not None: d["target_true"] = {"str": self.target_true}
+    if self.case_id is not None: d["case_id"] = self.case_id
+    return d
+
+
+@patch
+def validate(self: EditRequest, tok) -> "EditRequest":
+    "Checks that need the tokenizer: the target has real tokens and the subject's last token can be found."
+    ids = tok(target_text(self), add_special_tokens=False)["input_ids"]
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    ordinary = [i for i in ids if i not in special]
+    if not ordinary or not tok.decode(ordinary).strip():
+        raise ValueError(f"target_new {self.target_new!r} of {self.text!r} tokenizes to no ordinary token "
+                         f"(ids {ids}); use a target with visible text")
+    subject_last_token(tok, self.text, self.subject_span)
+    return self
 
 # %% ../nbs/09_keys.ipynb #af7f041e
 def fill(request: EditRequest, template: str = "{}") -> tuple[str, tuple[int, int]]:
@@ -266,35 +271,38 @@ class ContextTemplates:
         if templates and all(isinstance(t, str) for t in templates): return cls([templates])
         return cls(templates)
 
-    @classmethod
-    def generate(cls, model, tok, length_params: Sequence[Sequence[int]] = MEMIT_LENGTH_PARAMS, *,
-                 start_words: Sequence[str | None] = MEMIT_START_WORDS, top_k: int = 5, seed: int = 0,
-                 bare: bool = True) -> "ContextTemplates":
-        """Sample prefixes from `model`: for each `(length, n)`, `n // len(start_words)` texts per start word, each
-        `length` tokens long in total (start tokens included). A start word `None` means "start from the BOS token"
-        (upstream ROME starts from `<|endoftext|>`). Seeded; the global random state is left untouched."""
-        groups = [["{}"]] if bare else []
-        device = execution_device(model)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for length, n in length_params:
-                per = n // len(start_words)
-                if per < 1 or length < 1:
-                    raise ValueError(f"length_params entry {[length, n]} asks for {n} generations over "
-                                     f"{len(start_words)} start words: need n >= {len(start_words)} and length >= 1")
-                words = [w for w in start_words for _ in range(per)]
-                groups.append([_clean_generated(t) + ". {}" for t in _sample(model, tok, words, length, top_k)])
-        return cls(groups, seed=seed)
+# %% ../nbs/09_keys.ipynb #7718cd81
+@patch(cls_method=True)
+def generate(cls: ContextTemplates, model, tok, length_params: Sequence[Sequence[int]] = MEMIT_LENGTH_PARAMS, *,
+             start_words: Sequence[str | None] = MEMIT_START_WORDS, top_k: int = 5, seed: int = 0,
+             bare: bool = True) -> "ContextTemplates":
+    """Sample prefixes from `model`: for each `(length, n)`, `n // len(start_words)` texts per start word, each
+    `length` tokens long in total (start tokens included). A start word `None` means "start from the BOS token"
+    (upstream ROME starts from `<|endoftext|>`). Seeded; the global random state is left untouched."""
+    groups = [["{}"]] if bare else []
+    device = execution_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for length, n in length_params:
+            per = n // len(start_words)
+            if per < 1 or length < 1:
+                raise ValueError(f"length_params entry {[length, n]} asks for {n} generations over "
+                                 f"{len(start_words)} start words: need n >= {len(start_words)} and length >= 1")
+            words = [w for w in start_words for _ in range(per)]
+            groups.append([_clean_generated(t) + ". {}" for t in _sample(model, tok, words, length, top_k)])
+    return cls(groups, seed=seed)
 
-    @classmethod
-    def memit(cls, model, tok, seed: int = 0) -> "ContextTemplates":
-        "MEMIT/EMMET's templates: `[['{}'], 5 prefixes of 10 tokens]`."
-        return cls.generate(model, tok, MEMIT_LENGTH_PARAMS, seed=seed)
 
-    @classmethod
-    def rome(cls, model, tok, seed: int = 0) -> "ContextTemplates":
-        "ROME's templates: `'{}'` plus 10 prefixes of 5 tokens and 10 of 10, started from the BOS token."
-        return cls.generate(model, tok, ROME_LENGTH_PARAMS, start_words=(None,), seed=seed)
+@patch(cls_method=True)
+def memit(cls: ContextTemplates, model, tok, seed: int = 0) -> "ContextTemplates":
+    "MEMIT/EMMET's templates: `[['{}'], 5 prefixes of 10 tokens]`."
+    return cls.generate(model, tok, MEMIT_LENGTH_PARAMS, seed=seed)
+
+
+@patch(cls_method=True)
+def rome(cls: ContextTemplates, model, tok, seed: int = 0) -> "ContextTemplates":
+    "ROME's templates: `'{}'` plus 10 prefixes of 5 tokens and 10 of 10, started from the BOS token."
+    return cls.generate(model, tok, ROME_LENGTH_PARAMS, start_words=(None,), seed=seed)
 
 # %% ../nbs/09_keys.ipynb #ad3d8add
 def _start_ids(tok, word: str | None) -> list[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .data import AttributeSnippets, EditRecord, TfidfStats
 from .models import cache_kwarg, output_cache
@@ -256,48 +257,56 @@ class EvalRun:
         "{case_id: value} of one metric over the records where it was computed (non-finite values included)."
         return {r["case_id"]: r["metrics"][metric] for r in self.records if r["metrics"].get(metric) is not None}
 
-    def summary(self, level: float = 0.95) -> dict:
-        """{metric: {"mean", "ci", "n", "n_nonfinite", "nonfinite_case_ids", "note"}} over finite per-record values."""
-        out = {}
-        for m in self.metric_names:
-            if m == "overall_score": continue
-            vals = self.values(m)
-            bad = [c for c, v in vals.items() if not math.isfinite(v)]
-            good = [v for v in vals.values() if math.isfinite(v)]
-            reasons = sorted({r["unavailable"][m] for r in self.records if m in r["unavailable"]})
-            mean, ci = mean_ci(good, level) if good else (float("nan"), float("nan"))
-            note = ("unavailable: " + "; ".join(reasons)) if not vals and reasons else (
-                f"{len(bad)} non-finite record value(s) excluded" if bad else "")
-            out[m] = {"mean": mean if good else None, "ci": ci if good else None, "n": len(good),
-                      "n_nonfinite": len(bad), "nonfinite_case_ids": bad, "note": note}
-        if all(out.get(k, {}).get("mean") is not None for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
-            hm = harmonic_mean([out[k]["mean"] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")])
-            out["overall_score"] = {"mean": hm, "ci": None, "n": min(out[k]["n"] for k in ("efficacy_score",
-                                    "paraphrase_score", "neighborhood_score")), "n_nonfinite": 0,
-                                    "nonfinite_case_ids": [], "note": "harmonic mean of the ES, PS, NS means (no CI)"}
-        elif "efficacy_score" in out:
-            out["overall_score"] = {"mean": None, "ci": None, "n": 0, "n_nonfinite": 0, "nonfinite_case_ids": [],
-                                    "note": "unavailable: needs the ES, PS and NS means"}
-        return {m: out[m] for m in METRICS if m in out}
+# %% ../nbs/17_metrics.ipynb #2fcd12dc
+@patch
+def summary(self: EvalRun, level: float = 0.95) -> dict:
+    """{metric: {"mean", "ci", "n", "n_nonfinite", "nonfinite_case_ids", "note"}} over finite per-record values."""
+    out = {}
+    for m in self.metric_names:
+        if m == "overall_score": continue
+        vals = self.values(m)
+        bad = [c for c, v in vals.items() if not math.isfinite(v)]
+        good = [v for v in vals.values() if math.isfinite(v)]
+        reasons = sorted({r["unavailable"][m] for r in self.records if m in r["unavailable"]})
+        mean, ci = mean_ci(good, level) if good else (float("nan"), float("nan"))
+        note = ("unavailable: " + "; ".join(reasons)) if not vals and reasons else (
+            f"{len(bad)} non-finite record value(s) excluded" if bad else "")
+        out[m] = {"mean": mean if good else None, "ci": ci if good else None, "n": len(good),
+                  "n_nonfinite": len(bad), "nonfinite_case_ids": bad, "note": note}
+    if all(out.get(k, {}).get("mean") is not None for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
+        hm = harmonic_mean([out[k]["mean"] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")])
+        out["overall_score"] = {"mean": hm, "ci": None, "n": min(out[k]["n"] for k in ("efficacy_score",
+                                "paraphrase_score", "neighborhood_score")), "n_nonfinite": 0,
+                                "nonfinite_case_ids": [], "note": "harmonic mean of the ES, PS, NS means (no CI)"}
+    elif "efficacy_score" in out:
+        out["overall_score"] = {"mean": None, "ci": None, "n": 0, "n_nonfinite": 0, "nonfinite_case_ids": [],
+                                "note": "unavailable: needs the ES, PS and NS means"}
+    return {m: out[m] for m in METRICS if m in out}
 
-    def table(self, scale: float = 1.0, level: float = 0.95):
-        "pandas DataFrame indexed by metric: abbreviation, mean, ci (half-width), n, n_nonfinite, note."
-        import pandas as pd
-        rows = []
-        for m, s in self.summary(level).items():
-            sc = lambda v: float("nan") if v is None else v * scale
-            rows.append({"metric": m, "abbr": METRICS[m][0], "mean": sc(s["mean"]), "ci": sc(s["ci"]), "n": s["n"],
-                         "n_nonfinite": s["n_nonfinite"], "note": s["note"]})
-        return pd.DataFrame(rows).set_index("metric")
 
-    def to_dict(self, level: float = 0.95) -> dict:
-        "JSON-ready: config, summary and per-record values (non-finite values become null, with the reason kept)."
-        return _jsonable({"config": self.config, "summary": self.summary(level), "records": self.records})
+@patch
+def table(self: EvalRun, scale: float = 1.0, level: float = 0.95):
+    "pandas DataFrame indexed by metric: abbreviation, mean, ci (half-width), n, n_nonfinite, note."
+    import pandas as pd
+    rows = []
+    for m, s in self.summary(level).items():
+        sc = lambda v: float("nan") if v is None else v * scale
+        rows.append({"metric": m, "abbr": METRICS[m][0], "mean": sc(s["mean"]), "ci": sc(s["ci"]), "n": s["n"],
+                     "n_nonfinite": s["n_nonfinite"], "note": s["note"]})
+    return pd.DataFrame(rows).set_index("metric")
 
-    def to_json(self, path: str | Path | None = None, level: float = 0.95) -> str:
-        s = json.dumps(self.to_dict(level), indent=1, allow_nan=False)
-        if path is not None: Path(path).write_text(s)
-        return s
+
+@patch
+def to_dict(self: EvalRun, level: float = 0.95) -> dict:
+    "JSON-ready: config, summary and per-record values (non-finite values become null, with the reason kept)."
+    return _jsonable({"config": self.config, "summary": self.summary(level), "records": self.records})
+
+
+@patch
+def to_json(self: EvalRun, path: str | Path | None = None, level: float = 0.95) -> str:
+    s = json.dumps(self.to_dict(level), indent=1, allow_nan=False)
+    if path is not None: Path(path).write_text(s)
+    return s
 
 # %% ../nbs/17_metrics.ipynb #20945f0f
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['REWRITE_CANDIDATES', 'ATTN_CANDIDATES', 'LN_F_CANDIDATES', 'TINY_VOCAB', 'TINY_FAMILIES', 'PRECISIONS',
@@ -167,46 +168,6 @@ class ModelAdapter:
             if self.name(kind) not in self._modules:
                 raise ValueError(f"{kind}_module={self.name(kind)!r} does not exist in {type(self.model).__name__}")
 
-    @classmethod
-    def from_model(cls, model: nn.Module, **overrides) -> "ModelAdapter":
-        "Detect every module name automatically; any of the template fields can be given to override detection."
-        unknown = set(overrides) - {f for f in cls.__dataclass_fields__ if f not in ("model", "n_layers")}
-        if unknown: raise TypeError(f"unknown ModelAdapter field(s) {sorted(unknown)}")
-        found = {k: v for k, v in overrides.items() if v is not None}
-        if "layer_module_tmp" not in found:
-            layers = _find_layer_list(model)
-            if layers is not None: found["layer_module_tmp"] = layers + ".{}"
-        lt = found.get("layer_module_tmp")
-        mods = dict(model.named_modules())
-        if lt is not None and lt.format(0) in mods:
-            block0 = lt.format(0)
-            if "rewrite_module_tmp" not in found:
-                for c in REWRITE_CANDIDATES:
-                    if f"{block0}.{c}" in mods and isinstance(mods[f"{block0}.{c}"], nn.Module) and hasattr(mods[f"{block0}.{c}"], "weight"):
-                        found["rewrite_module_tmp"] = f"{lt}.{c}"; break
-            if "mlp_module_tmp" not in found and "rewrite_module_tmp" in found:
-                found["mlp_module_tmp"] = found["rewrite_module_tmp"].rsplit(".", 1)[0]
-            if "attn_module_tmp" not in found:
-                for c in ATTN_CANDIDATES:
-                    if f"{block0}.{c}" in mods: found["attn_module_tmp"] = f"{lt}.{c}"; break
-            if "ln_f_module" not in found:
-                base = lt.rsplit(".", 2)[0] if lt.count(".") >= 2 else ""
-                for c in LN_F_CANDIDATES:
-                    name = f"{base}.{c}" if base else c
-                    if name in mods: found["ln_f_module"] = name; break
-        if "lm_head_module" not in found and model.get_output_embeddings() is not None:
-            found["lm_head_module"] = _module_name(model, model.get_output_embeddings())
-        if "embed_module" not in found and model.get_input_embeddings() is not None:
-            found["embed_module"] = _module_name(model, model.get_input_embeddings())
-        needed = ["layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-                  "lm_head_module", "embed_module"]
-        missing = [k for k in needed if not found.get(k)]
-        if missing:
-            raise ValueError(f"unknown architecture {type(model).__name__}: could not detect {', '.join(missing)}. "
-                             f"Set them explicitly (hyper-parameters or ModelAdapter.from_model(model, {missing[0]}=...)); "
-                             f"the block names start like {[n for n in mods if n.count('.') <= 3][:12]}")
-        return cls(model, **{k: found[k] for k in needed})
-
     def name(self, kind: str, i: int | None = None) -> str:
         "Qualified module name: kind in 'layer', 'rewrite', 'mlp', 'attn' (need `i`) or 'ln_f', 'lm_head', 'embed'."
         if kind in ("layer", "rewrite", "mlp", "attn"):
@@ -220,54 +181,118 @@ class ModelAdapter:
     def module(self, kind: str, i: int | None = None) -> nn.Module:
         return self._modules[self.name(kind, i)]
 
-    def is_transposed(self, i: int) -> bool:
-        "True when the rewrite weight is stored (d_in, d_out), as GPT-2's Conv1D does."
-        return type(self.module("rewrite", i)).__name__ == "Conv1D"
+# %% ../nbs/02_models.ipynb #1bbfe07b
+@patch(cls_method=True)
+def from_model(cls: ModelAdapter, model: nn.Module, **overrides) -> "ModelAdapter":
+    "Detect every module name automatically; any of the template fields can be given to override detection."
+    unknown = set(overrides) - {f for f in cls.__dataclass_fields__ if f not in ("model", "n_layers")}
+    if unknown: raise TypeError(f"unknown ModelAdapter field(s) {sorted(unknown)}")
+    found = {k: v for k, v in overrides.items() if v is not None}
+    if "layer_module_tmp" not in found:
+        layers = _find_layer_list(model)
+        if layers is not None: found["layer_module_tmp"] = layers + ".{}"
+    lt = found.get("layer_module_tmp")
+    mods = dict(model.named_modules())
+    if lt is not None and lt.format(0) in mods:
+        block0 = lt.format(0)
+        if "rewrite_module_tmp" not in found:
+            for c in REWRITE_CANDIDATES:
+                if f"{block0}.{c}" in mods and isinstance(mods[f"{block0}.{c}"], nn.Module) and hasattr(mods[f"{block0}.{c}"], "weight"):
+                    found["rewrite_module_tmp"] = f"{lt}.{c}"; break
+        if "mlp_module_tmp" not in found and "rewrite_module_tmp" in found:
+            found["mlp_module_tmp"] = found["rewrite_module_tmp"].rsplit(".", 1)[0]
+        if "attn_module_tmp" not in found:
+            for c in ATTN_CANDIDATES:
+                if f"{block0}.{c}" in mods: found["attn_module_tmp"] = f"{lt}.{c}"; break
+        if "ln_f_module" not in found:
+            base = lt.rsplit(".", 2)[0] if lt.count(".") >= 2 else ""
+            for c in LN_F_CANDIDATES:
+                name = f"{base}.{c}" if base else c
+                if name in mods: found["ln_f_module"] = name; break
+    if "lm_head_module" not in found and model.get_output_embeddings() is not None:
+        found["lm_head_module"] = _module_name(model, model.get_output_embeddings())
+    if "embed_module" not in found and model.get_input_embeddings() is not None:
+        found["embed_module"] = _module_name(model, model.get_input_embeddings())
+    needed = ["layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+              "lm_head_module", "embed_module"]
+    missing = [k for k in needed if not found.get(k)]
+    if missing:
+        raise ValueError(f"unknown architecture {type(model).__name__}: could not detect {', '.join(missing)}. "
+                         f"Set them explicitly (hyper-parameters or ModelAdapter.from_model(model, {missing[0]}=...)); "
+                         f"the block names start like {[n for n in mods if n.count('.') <= 3][:12]}")
+    return cls(model, **{k: found[k] for k in needed})
 
-    def weight(self, i: int) -> torch.Tensor:
-        """The (d_out, d_in) matrix W of `W k = v` for layer `i`; a view sharing storage with the parameter (on `meta`,
-        values absent, when accelerate offloads it: use `read_weight` for the values)."""
-        w = self.module("rewrite", i).weight
-        return w.T if self.is_transposed(i) else w
+# %% ../nbs/02_models.ipynb #4a9e6da2
+@patch
+def is_transposed(self: ModelAdapter, i: int) -> bool:
+    "True when the rewrite weight is stored (d_in, d_out), as GPT-2's Conv1D does."
+    return type(self.module("rewrite", i)).__name__ == "Conv1D"
 
-    def weight_name(self, i: int) -> str: return self.name("rewrite", i) + ".weight"
 
-    def read_weight(self, i: int) -> torch.Tensor:
-        "The values of W (d_out, d_in) of layer `i`, wherever they live (see `parameter_value`); shares storage when it can."
-        w = parameter_value(self.model, self.weight_name(i))
-        return w.T if self.is_transposed(i) else w
+@patch
+def weight(self: ModelAdapter, i: int) -> torch.Tensor:
+    """The (d_out, d_in) matrix W of `W k = v` for layer `i`; a view sharing storage with the parameter (on `meta`,
+    values absent, when accelerate offloads it: use `read_weight` for the values)."""
+    w = self.module("rewrite", i).weight
+    return w.T if self.is_transposed(i) else w
 
-    def write_weight(self, i: int, W: torch.Tensor):
-        "Set W (d_out, d_in) of layer `i` where the model reads it (see `set_parameter_value`), in the parameter's dtype."
-        set_parameter_value(self.model, self.weight_name(i), W.T if self.is_transposed(i) else W)
 
-    def d_in(self, i: int) -> int: return self.weight(i).shape[1]
-    def d_out(self, i: int) -> int: return self.weight(i).shape[0]
+@patch
+def weight_name(self: ModelAdapter, i: int) -> str: return self.name("rewrite", i) + ".weight"
 
-    def device(self, kind: str = "rewrite", i: int | None = None) -> torch.device:
-        "Where a module computes (`execution_device`; models split with `device_map` use several devices)."
-        if kind not in ("ln_f", "lm_head", "embed") and i is None: return execution_device(self.model)
-        return execution_device(self.model, self.name(kind, i))
 
-    def unembedding(self) -> torch.Tensor:
-        "(vocab, d_model) LM-head weight; with tied embeddings this is the input embedding itself."
-        return self.module("lm_head").weight
+@patch
+def read_weight(self: ModelAdapter, i: int) -> torch.Tensor:
+    "The values of W (d_out, d_in) of layer `i`, wherever they live (see `parameter_value`); shares storage when it can."
+    w = parameter_value(self.model, self.weight_name(i))
+    return w.T if self.is_transposed(i) else w
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        "Logits from final hidden states (..., d_model): the LM head (with its bias, e.g. GPT-J) and any soft-capping."
-        head = self.module("lm_head")
-        hidden = hidden.to(self.device("lm_head"))
-        # upstream GPT-2 files name the tied embedding itself (`transformer.wte`) as the LM head
-        if isinstance(head, nn.Embedding):
-            w = parameter_value(self.model, self.name("lm_head") + ".weight")
-            out = hidden.to(w.device) @ w.T
-        else: out = head(hidden)
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        return torch.tanh(out / cap) * cap if cap else out
 
-    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "(B, T, d_model) hidden states after the final norm, without computing any logits."
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+@patch
+def write_weight(self: ModelAdapter, i: int, W: torch.Tensor):
+    "Set W (d_out, d_in) of layer `i` where the model reads it (see `set_parameter_value`), in the parameter's dtype."
+    set_parameter_value(self.model, self.weight_name(i), W.T if self.is_transposed(i) else W)
+
+
+@patch
+def d_in(self: ModelAdapter, i: int) -> int: return self.weight(i).shape[1]
+
+
+@patch
+def d_out(self: ModelAdapter, i: int) -> int: return self.weight(i).shape[0]
+
+# %% ../nbs/02_models.ipynb #fb37175d
+@patch
+def device(self: ModelAdapter, kind: str = "rewrite", i: int | None = None) -> torch.device:
+    "Where a module computes (`execution_device`; models split with `device_map` use several devices)."
+    if kind not in ("ln_f", "lm_head", "embed") and i is None: return execution_device(self.model)
+    return execution_device(self.model, self.name(kind, i))
+
+
+@patch
+def unembedding(self: ModelAdapter) -> torch.Tensor:
+    "(vocab, d_model) LM-head weight; with tied embeddings this is the input embedding itself."
+    return self.module("lm_head").weight
+
+
+@patch
+def logits(self: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    "Logits from final hidden states (..., d_model): the LM head (with its bias, e.g. GPT-J) and any soft-capping."
+    head = self.module("lm_head")
+    hidden = hidden.to(self.device("lm_head"))
+    # upstream GPT-2 files name the tied embedding itself (`transformer.wte`) as the LM head
+    if isinstance(head, nn.Embedding):
+        w = parameter_value(self.model, self.name("lm_head") + ".weight")
+        out = hidden.to(w.device) @ w.T
+    else: out = head(hidden)
+    cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(out / cap) * cap if cap else out
+
+
+@patch
+def final_hidden(self: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "(B, T, d_model) hidden states after the final norm, without computing any logits."
+    return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 # %% ../nbs/02_models.ipynb #5f577566
 _TINY_TEXT = """The Eiffel Tower is located in the city of Paris. The Colosseum is located in the city of Rome.

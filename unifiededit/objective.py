@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['Preservation', 'toy_problem', 'UpdateInfo', 'rome_update', 'sym_symmetric', 'sym_matrix', 'gradient', 'update_flops',
@@ -78,53 +79,69 @@ class Preservation:
         obj._C, obj._L = C64, L
         return obj
 
-    @property
-    def C(self) -> Tensor:
-        "The symmetrized float64 (d_in, d_in) matrix; treat as read-only."
-        return self._C
-
-    @property
-    def L(self) -> Tensor:
-        "The lower-triangular Cholesky factor, C = L Lᵀ; treat as read-only."
-        return self._L
-
-    @property
-    def d_in(self) -> int: return self._C.shape[0]
-
-    @property
-    def device(self) -> torch.device: return self._C.device
-
-    def scaled(self, alpha: float) -> Preservation:
-        "The term for α·C (factor √α·L), without a new factorization."
-        alpha = float(alpha)
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-        return Preservation._from_factor(self._C * alpha, self._L * math.sqrt(alpha))
-
-    def to(self, device) -> Preservation:
-        "The same term on another device (CPU for MPS, which has no float64). Returns self if already there."
-        device = _compute_device(torch.device(device))
-        return self if device == self.device else Preservation._from_factor(self._C.to(device), self._L.to(device))
-
-    def solve(self, B: Tensor) -> Tensor:
-        "C⁻¹B for a float64 (d_in, m) B on this device: two triangular solves with the cached factor."
-        return torch.cholesky_solve(B, self._L)
-
-    def whiten(self, K: Tensor) -> Tensor:
-        "L⁻¹K, keys in coordinates where C is the identity: KᵀC⁻¹K = (L⁻¹K)ᵀ(L⁻¹K)."
-        return torch.linalg.solve_triangular(self._L, K, upper=False)
-
-    def cost(self, delta: Tensor) -> float:
-        "The preservation cost tr(Δ C Δᵀ) = ‖ΔL‖²_F of a (d_out, d_in) update."
-        return float((delta.to(self.device, torch.float64) @ self._L).square().sum())
-
-    def cond(self) -> float:
-        "2-norm condition number of C from its eigenvalues (O(d_in³); a diagnostic, not used by the solvers)."
-        ev = torch.linalg.eigvalsh(self._C)
-        return float(ev[-1] / ev[0]) if ev[0] > 0 else math.inf
-
     def __repr__(self) -> str:
         return f"Preservation(d_in={self.d_in}, device={self.device}, trace={float(self._C.trace()):.4g})"
+
+# %% ../nbs/00_objective.ipynb #c93e51dc
+@patch(as_prop=True)
+def C(self: Preservation) -> Tensor:
+    "The symmetrized float64 (d_in, d_in) matrix; treat as read-only."
+    return self._C
+
+
+@patch(as_prop=True)
+def L(self: Preservation) -> Tensor:
+    "The lower-triangular Cholesky factor, C = L Lᵀ; treat as read-only."
+    return self._L
+
+
+@patch(as_prop=True)
+def d_in(self: Preservation) -> int: return self._C.shape[0]
+
+
+@patch(as_prop=True)
+def device(self: Preservation) -> torch.device: return self._C.device
+
+
+@patch
+def scaled(self: Preservation, alpha: float) -> Preservation:
+    "The term for α·C (factor √α·L), without a new factorization."
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    return Preservation._from_factor(self._C * alpha, self._L * math.sqrt(alpha))
+
+
+@patch
+def to(self: Preservation, device) -> Preservation:
+    "The same term on another device (CPU for MPS, which has no float64). Returns self if already there."
+    device = _compute_device(torch.device(device))
+    return self if device == self.device else Preservation._from_factor(self._C.to(device), self._L.to(device))
+
+# %% ../nbs/00_objective.ipynb #844ab84d
+@patch
+def solve(self: Preservation, B: Tensor) -> Tensor:
+    "C⁻¹B for a float64 (d_in, m) B on this device: two triangular solves with the cached factor."
+    return torch.cholesky_solve(B, self._L)
+
+
+@patch
+def whiten(self: Preservation, K: Tensor) -> Tensor:
+    "L⁻¹K, keys in coordinates where C is the identity: KᵀC⁻¹K = (L⁻¹K)ᵀ(L⁻¹K)."
+    return torch.linalg.solve_triangular(self._L, K, upper=False)
+
+
+@patch
+def cost(self: Preservation, delta: Tensor) -> float:
+    "The preservation cost tr(Δ C Δᵀ) = ‖ΔL‖²_F of a (d_out, d_in) update."
+    return float((delta.to(self.device, torch.float64) @ self._L).square().sum())
+
+
+@patch
+def cond(self: Preservation) -> float:
+    "2-norm condition number of C from its eigenvalues (O(d_in³); a diagnostic, not used by the solvers)."
+    ev = torch.linalg.eigvalsh(self._C)
+    return float(ev[-1] / ev[0]) if ev[0] > 0 else math.inf
 
 # %% ../nbs/00_objective.ipynb #e876d693
 def toy_problem(d_in=6, d_out=4, E=3, n_tokens=None, seed=0):

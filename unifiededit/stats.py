@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
+from fastcore.basics import patch
 
 from .corpus import Corpus, as_corpus, default_corpus, special_prefix, token_batches
 from .hooks import StopForward, _first_tensor
@@ -62,23 +63,6 @@ class LayerStats:
         "Σ k kᵀ = n · C0."
         return self.mom2 * self.n
 
-    def C(self, mom2_update_weight: float) -> torch.Tensor:
-        "C = λ · C0, the preservation matrix of the editing objective (λ = `mom2_update_weight`)."
-        lam = float(mom2_update_weight)
-        if not (math.isfinite(lam) and lam >= 0): raise ValueError(f"mom2_update_weight must be finite and ≥ 0, got {mom2_update_weight!r}")
-        return lam * self.mom2
-
-    def eigvals(self) -> torch.Tensor:
-        "Eigenvalues of C0 in ascending order (float64)."
-        return torch.linalg.eigvalsh(self.mom2)
-
-    def cond(self) -> float:
-        "κ(C0) = λ_max / λ_min; inf when C0 is singular to float64 precision."
-        ev = self.eigvals()
-        lo, hi = float(ev[0]), float(ev[-1])
-        return math.inf if lo <= hi * self.d_in * torch.finfo(torch.float64).eps else hi / lo
-
-
 @dataclass
 class KeyStats:
     "Key statistics of several layers: `stats[layer]` is a `LayerStats`; `meta` describes how they were computed."
@@ -100,6 +84,28 @@ class KeyStats:
     def __repr__(self) -> str:
         rows = [f"  layer {s.layer:>3}  {s.module}  d_in={s.d_in}  n={s.n:,}" for s in (self[i] for i in self)]
         return f"KeyStats({len(self)} layer(s), corpus: {self.meta.get('corpus', '?')})\n" + "\n".join(rows)
+
+# %% ../nbs/08_stats.ipynb #08ccda6e
+@patch
+def C(self: LayerStats, mom2_update_weight: float) -> torch.Tensor:
+    "C = λ · C0, the preservation matrix of the editing objective (λ = `mom2_update_weight`)."
+    lam = float(mom2_update_weight)
+    if not (math.isfinite(lam) and lam >= 0): raise ValueError(f"mom2_update_weight must be finite and ≥ 0, got {mom2_update_weight!r}")
+    return lam * self.mom2
+
+
+@patch
+def eigvals(self: LayerStats) -> torch.Tensor:
+    "Eigenvalues of C0 in ascending order (float64)."
+    return torch.linalg.eigvalsh(self.mom2)
+
+
+@patch
+def cond(self: LayerStats) -> float:
+    "κ(C0) = λ_max / λ_min; inf when C0 is singular to float64 precision."
+    ev = self.eigvals()
+    lo, hi = float(ev[0]), float(ev[-1])
+    return math.inf if lo <= hi * self.d_in * torch.finfo(torch.float64).eps else hi / lo
 
 # %% ../nbs/08_stats.ipynb #cc8444d4
 @contextmanager
@@ -196,35 +202,39 @@ class KeyStatsCollector:
             for h in handles: h.remove()
         return keys
 
-    def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
-        "Add the keys of one batch ((B, T) ids; mask 0 = padding, excluded). Returns the number of keys counted."
-        if input_ids.dim() != 2: raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        full = attention_mask is None or bool(attention_mask.all())           # full blocks: no gather needed
-        n = input_ids.numel() if full else int(attention_mask.sum())
-        if n == 0: return 0
-        keys = self.forward(input_ids, attention_mask)
-        keep = {}
-        with torch.inference_mode(), exact_fp32_matmul(self._cuda and not self.allow_tf32):
-            for i, name in self.names.items():
-                if name not in keys:
-                    raise RuntimeError(f"the forward pass never reached {name} (layer {i}); is it used by the model's forward?")
-                k = keys.pop(name)                                        # (B, T, d_in)
-                k = k.reshape(-1, k.shape[-1])                            # (B·T, d_in)
-                if not full:
-                    if k.device not in keep: keep[k.device] = attention_mask.reshape(-1).bool().to(k.device)
-                    k = k[keep[k.device]]                                 # (n, d_in): padding rows dropped
-                k = k.to(torch.promote_types(k.dtype, self.matmul_dtype))
-                add_gram_upper(self._upper[i], k, self.block)             # float32 products → float64 sum
-                self.counts[i] += n
-        return n
+# %% ../nbs/08_stats.ipynb #819089e6
+@patch
+def update(self: KeyStatsCollector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    "Add the keys of one batch ((B, T) ids; mask 0 = padding, excluded). Returns the number of keys counted."
+    if input_ids.dim() != 2: raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    full = attention_mask is None or bool(attention_mask.all())           # full blocks: no gather needed
+    n = input_ids.numel() if full else int(attention_mask.sum())
+    if n == 0: return 0
+    keys = self.forward(input_ids, attention_mask)
+    keep = {}
+    with torch.inference_mode(), exact_fp32_matmul(self._cuda and not self.allow_tf32):
+        for i, name in self.names.items():
+            if name not in keys:
+                raise RuntimeError(f"the forward pass never reached {name} (layer {i}); is it used by the model's forward?")
+            k = keys.pop(name)                                        # (B, T, d_in)
+            k = k.reshape(-1, k.shape[-1])                            # (B·T, d_in)
+            if not full:
+                if k.device not in keep: keep[k.device] = attention_mask.reshape(-1).bool().to(k.device)
+                k = k[keep[k.device]]                                 # (n, d_in): padding rows dropped
+            k = k.to(torch.promote_types(k.dtype, self.matmul_dtype))
+            add_gram_upper(self._upper[i], k, self.block)             # float32 products → float64 sum
+            self.counts[i] += n
+    return n
 
-    def stats(self, meta: dict | None = None) -> dict[int, LayerStats]:
-        "The `LayerStats` of every layer so far (C0 = sum / n)."
-        sums = self.sums
-        return {i: LayerStats.from_sum(sums[i], self.counts[i], i, self.names[i], meta) for i in self.layers}
+
+@patch
+def stats(self: KeyStatsCollector, meta: dict | None = None) -> dict[int, LayerStats]:
+    "The `LayerStats` of every layer so far (C0 = sum / n)."
+    sums = self.sums
+    return {i: LayerStats.from_sum(sums[i], self.counts[i], i, self.names[i], meta) for i in self.layers}
 
 # %% ../nbs/08_stats.ipynb #a0aa97ab
 CACHE_FORMAT = 2

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .data import EditRecord
 from .editing import Timer, edit
@@ -340,71 +341,77 @@ class _SweepLoop:
     n_new: int = 0
     stopped: str | None = None
 
-    def run(self, p: _Planned) -> None:
-        "The unfinished batches of `p`, in order."
-        if p.cfg.sequential and p.done: self._resume(p)
-        for b, recs in enumerate(p.batches):
-            if b in p.done: continue
-            if self.budget.over(len(recs)): self.stopped = "time budget"; return
-            self.bar.set_description(p.cfg.name)
-            result = self.batch(p, b, recs)
-            self.n_new += 1
-            self.budget.add(result["seconds"]["total"], len(recs))
-            self.bar.update(len(recs))
-            es = [r["metrics"].get("efficacy_score") for r in result["records"]]
-            es = [v for v in es if v is not None]
-            self.bar.set_postfix(ES=f"{100 * np.mean(es):.0f}" if es else "-",
-                                 dW=f"{float(result['diagnostics']['delta_norm']):.3g}")
-            if self.on_batch is not None: self.on_batch(result)
-        if p.cfg.sequential: _restore(self.adapter, {l: self.snap[l] for l in p.cfg.layers})
+# %% ../nbs/18_sweep.ipynb #a07a6840
+@patch
+def run(self: _SweepLoop, p: _Planned) -> None:
+    "The unfinished batches of `p`, in order."
+    if p.cfg.sequential and p.done: self._resume(p)
+    for b, recs in enumerate(p.batches):
+        if b in p.done: continue
+        if self.budget.over(len(recs)): self.stopped = "time budget"; return
+        self.bar.set_description(p.cfg.name)
+        result = self.batch(p, b, recs)
+        self.n_new += 1
+        self.budget.add(result["seconds"]["total"], len(recs))
+        self.bar.update(len(recs))
+        es = [r["metrics"].get("efficacy_score") for r in result["records"]]
+        es = [v for v in es if v is not None]
+        self.bar.set_postfix(ES=f"{100 * np.mean(es):.0f}" if es else "-",
+                             dW=f"{float(result['diagnostics']['delta_norm']):.3g}")
+        if self.on_batch is not None: self.on_batch(result)
+    if p.cfg.sequential: _restore(self.adapter, {l: self.snap[l] for l in p.cfg.layers})
 
-    def _resume(self, p: _Planned) -> None:
-        "A sequential configuration continues from the weights after its last finished batch."
-        last = max(p.done)
-        path = self.out_dir / ".state" / p.cfg.name / f"after_{last:05d}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{p.cfg.name}: batches 0..{last} are finished but the weights after batch "
-                                    f"{last} ({path}) are missing; rerun with overwrite=True to start over")
-        tensors, meta = load_tensors(path)                 # CorruptFile if damaged: never resume from it
-        if meta.get("fingerprint") != p.fingerprint or meta.get("base_model") != self.base_key:
-            raise ValueError(f"{path} belongs to another configuration or base model")
-        _restore(self.adapter, {l: tensors[f"layer.{l}"] for l in p.cfg.layers})
 
-    def batch(self, p: _Planned, b: int, recs: list) -> dict:
-        "Edit, evaluate, (revert,) write batch `b` of `p`; returns its result."
-        cfg, seq, timer = p.cfg, p.cfg.sequential, Timer()
-        with timer("total"):
-            key_now = None if self.cache is None else self.base_key if not seq or b == 0 else model_key(self.model)
-            before = _snapshot(self.adapter, cfg.layers) if seq else {l: self.snap[l] for l in cfg.layers}
-            with timer("edit"):
-                es = _apply(self.model, self.tok, cfg, p.hp, recs, stats=self.stats, templates=p.templates,
-                            cache=self.cache, adapter=self.adapter, hook=_hook_for(p.hp), key_now=key_now)
-            try:
-                diag = _edit_diag(es, self.adapter, before, cfg.layers)
-                if seq: diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
-                    float((self.adapter.read_weight(l).double() - self.snap[l].double()).norm()) ** 2 for l in cfg.layers)))
-                last = b == len(p.batches) - 1
-                ev = ([r for bb in p.batches[:b + 1] for r in bb] if seq and (self.sequential_eval == "all" or last)
-                      else recs)
-                with timer("eval"): run = evaluate(self.model, self.tok, ev, batch_size=self.eval_batch_size)
-            finally:
-                if not seq:
-                    for e in reversed(es): e.revert()
-                    _check_restored(self.adapter, {l: self.snap[l] for l in cfg.layers}, f"{cfg.name} batch {b}")
-            result = {"format": BATCH_FORMAT, "fingerprint": p.fingerprint,
-                      "config": {**cfg.to_dict(), "emmet_lambda": p.hp.emmet_lambda if cfg.method == "emmet" else None,
-                                 "sequential_eval": self.sequential_eval if seq else None},
-                      "batch": b, "case_ids": [r.case_id for r in recs], "evaluated_after_edits": len(ev),
-                      "records": _slim_records(run), "diagnostics": diag}
-        result["seconds"] = {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
-                             "edit": timer.times["edit"], "eval": timer.times["eval"], "total": timer.times["total"]}
-        sdir = self.out_dir / ".state" / cfg.name
-        if seq:                                           # weights first, then the result that points to them
-            save_tensors(sdir / f"after_{b:05d}.safetensors", {f"layer.{l}": self.adapter.read_weight(l) for l in cfg.layers},
-                         {"fingerprint": p.fingerprint, "base_model": self.base_key, "batch": b})
-        write_json_atomic(p.folder / f"batch_{b:05d}.json", result)
-        if seq and b > 0: (sdir / f"after_{b - 1:05d}.safetensors").unlink(missing_ok=True)
-        return result
+@patch
+def _resume(self: _SweepLoop, p: _Planned) -> None:
+    "A sequential configuration continues from the weights after its last finished batch."
+    last = max(p.done)
+    path = self.out_dir / ".state" / p.cfg.name / f"after_{last:05d}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{p.cfg.name}: batches 0..{last} are finished but the weights after batch "
+                                f"{last} ({path}) are missing; rerun with overwrite=True to start over")
+    tensors, meta = load_tensors(path)                 # CorruptFile if damaged: never resume from it
+    if meta.get("fingerprint") != p.fingerprint or meta.get("base_model") != self.base_key:
+        raise ValueError(f"{path} belongs to another configuration or base model")
+    _restore(self.adapter, {l: tensors[f"layer.{l}"] for l in p.cfg.layers})
+
+# %% ../nbs/18_sweep.ipynb #d9d721e4
+@patch
+def batch(self: _SweepLoop, p: _Planned, b: int, recs: list) -> dict:
+    "Edit, evaluate, (revert,) write batch `b` of `p`; returns its result."
+    cfg, seq, timer = p.cfg, p.cfg.sequential, Timer()
+    with timer("total"):
+        key_now = None if self.cache is None else self.base_key if not seq or b == 0 else model_key(self.model)
+        before = _snapshot(self.adapter, cfg.layers) if seq else {l: self.snap[l] for l in cfg.layers}
+        with timer("edit"):
+            es = _apply(self.model, self.tok, cfg, p.hp, recs, stats=self.stats, templates=p.templates,
+                        cache=self.cache, adapter=self.adapter, hook=_hook_for(p.hp), key_now=key_now)
+        try:
+            diag = _edit_diag(es, self.adapter, before, cfg.layers)
+            if seq: diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
+                float((self.adapter.read_weight(l).double() - self.snap[l].double()).norm()) ** 2 for l in cfg.layers)))
+            last = b == len(p.batches) - 1
+            ev = ([r for bb in p.batches[:b + 1] for r in bb] if seq and (self.sequential_eval == "all" or last)
+                  else recs)
+            with timer("eval"): run = evaluate(self.model, self.tok, ev, batch_size=self.eval_batch_size)
+        finally:
+            if not seq:
+                for e in reversed(es): e.revert()
+                _check_restored(self.adapter, {l: self.snap[l] for l in cfg.layers}, f"{cfg.name} batch {b}")
+        result = {"format": BATCH_FORMAT, "fingerprint": p.fingerprint,
+                  "config": {**cfg.to_dict(), "emmet_lambda": p.hp.emmet_lambda if cfg.method == "emmet" else None,
+                             "sequential_eval": self.sequential_eval if seq else None},
+                  "batch": b, "case_ids": [r.case_id for r in recs], "evaluated_after_edits": len(ev),
+                  "records": _slim_records(run), "diagnostics": diag}
+    result["seconds"] = {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
+                         "edit": timer.times["edit"], "eval": timer.times["eval"], "total": timer.times["total"]}
+    sdir = self.out_dir / ".state" / cfg.name
+    if seq:                                           # weights first, then the result that points to them
+        save_tensors(sdir / f"after_{b:05d}.safetensors", {f"layer.{l}": self.adapter.read_weight(l) for l in cfg.layers},
+                     {"fingerprint": p.fingerprint, "base_model": self.base_key, "batch": b})
+    write_json_atomic(p.folder / f"batch_{b:05d}.json", result)
+    if seq and b > 0: (sdir / f"after_{b - 1:05d}.safetensors").unlink(missing_ok=True)
+    return result
 
 # %% ../nbs/18_sweep.ipynb #cf4c79a3
 def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathLike, *,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 
 from .metrics import METRICS
 from .scores import harmonic_mean, mean_ci
@@ -42,96 +43,110 @@ class SweepResults:
     batches: list[dict]
     pre: dict                   # case_id (str) -> slim record of the pre-edit evaluation
 
-    def _final(self) -> list[dict]:
-        "The batch files whose evaluations enter the curves: every batch; for a sequential run, only its last."
-        out, last = [], {}
-        for b in self.batches:
-            if b["config"]["sequential"]:
-                n = b["config"]["name"]
-                if n not in last or b["batch"] > last[n]["batch"]: last[n] = b
-            else: out.append(b)
-        return out + list(last.values())
+# %% ../nbs/19_sweep_results.ipynb #962de840
+@patch
+def _final(self: SweepResults) -> list[dict]:
+    "The batch files whose evaluations enter the curves: every batch; for a sequential run, only its last."
+    out, last = [], {}
+    for b in self.batches:
+        if b["config"]["sequential"]:
+            n = b["config"]["name"]
+            if n not in last or b["batch"] > last[n]["batch"]: last[n] = b
+        else: out.append(b)
+    return out + list(last.values())
 
-    def records_frame(self, metrics: Sequence[str] = SCORE_METRICS + MAGNITUDE_METRICS):
-        "pandas DataFrame, one row per (configuration, batch, evaluated record): metric columns, NaN where non-finite."
-        import pandas as pd
-        rows = []
-        for b in self.batches:
-            c = b["config"]
-            for r in b["records"]:
-                row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"],
-                       "batch_size": c["batch_size"], "sequential": c["sequential"], "batch": b["batch"],
-                       "case_id": r["case_id"], "in_batch": r["case_id"] in b["case_ids"]}
-                for m in metrics:
-                    v = _metric_value(r, m)
-                    row[m] = float("nan") if v is None else v
-                rows.append(row)
-        return pd.DataFrame(rows)
 
-    def nonfinite_report(self):
-        "pandas DataFrame of every non-finite metric value: configuration, batch, case_id, metric, reason."
-        import pandas as pd
-        rows = [{"config": b["config"]["name"], "batch": b["batch"], "case_id": r["case_id"], "metric": m, "reason": why}
-                for b in self.batches for r in b["records"] for m, why in r["nonfinite"].items()]
-        rows += [{"config": "pre-edit", "batch": -1, "case_id": r["case_id"], "metric": m, "reason": why}
-                 for r in self.pre.values() for m, why in r["nonfinite"].items()]
-        return pd.DataFrame(rows, columns=["config", "batch", "case_id", "metric", "reason"])
-
-    def _aggregate(self, recs: list[dict], level: float) -> dict:
-        out = {}
-        for m in SCORE_METRICS + MAGNITUDE_METRICS:
-            vals = [v for v in (_metric_value(r, m) for r in recs) if v is not None]
-            good = [v for v in vals if math.isfinite(v)]
-            mean, ci = mean_ci(good, level) if good else (float("nan"), float("nan"))
-            out[m], out[m + "_ci"], out[m + "_n"], out[m + "_nonfinite"] = mean, ci, len(good), len(vals) - len(good)
-        means = [out[m] for m in SCORE_METRICS]
-        out["overall_score"] = harmonic_mean(means) if all(math.isfinite(x) for x in means) else float("nan")
-        return out
-
-    def summary(self, level: float = 0.95):
-        """pandas DataFrame, one row per configuration: metric means (`*_ci`: CI half-width, `*_n`: finite values,
-        `*_nonfinite`: excluded values), overall score, mean ‖Δ‖, geometric-mean κ(KᵀC⁻¹K), seconds per edit."""
-        import pandas as pd
-        groups = {}
-        for b in self._final(): groups.setdefault(b["config"]["name"], []).append(b)
-        rows = []
-        for name, bs in groups.items():
-            c = bs[0]["config"]
-            recs = [r for b in bs for r in b["records"]]
-            conds = [float(b["diagnostics"]["cond_gram"]) for b in bs if b["diagnostics"].get("cond_gram") is not None]
-            all_b = [b for b in self.batches if b["config"]["name"] == name]
-            rows.append({"config": name, "method": c["method"], "layer_mode": c["layer_mode"],
-                         "layers": ",".join(map(str, c["layers"])), "batch_size": c["batch_size"],
-                         "sequential": c["sequential"], "n_batches": len(all_b), "n_records": len(recs),
-                         **self._aggregate(recs, level),
-                         "delta_norm": float(np.mean([float(b["diagnostics"]["delta_norm"]) for b in bs])),
-                         "cond_gram": float(np.exp(np.mean(np.log(conds)))) if conds else float("nan"),
-                         "seconds_per_edit": sum(b["seconds"]["total"] for b in all_b)
-                                             / max(1, sum(len(b["case_ids"]) for b in all_b))})
-        df = pd.DataFrame(rows)
-        return df.sort_values(["sequential", "layer_mode", "method", "batch_size"]).reset_index(drop=True) if rows else df
-
-    def pre_summary(self, case_ids: Sequence | None = None, level: float = 0.95) -> dict:
-        "Pre-edit metric means (and overall score) over `case_ids` (default: every record evaluated before editing)."
-        ids = [str(c) for c in case_ids] if case_ids is not None else list(self.pre)
-        missing = [c for c in ids if c not in self.pre]
-        if missing: raise KeyError(f"no pre-edit evaluation for case_ids {missing[:5]}")
-        return self._aggregate([self.pre[c] for c in ids], level)
-
-    def diagnostics_frame(self):
-        "pandas DataFrame, one row per batch: ‖Δ‖, κ(KᵀC⁻¹K), per-layer ‖Δ‖, z statistics, timings."
-        import pandas as pd
-        rows = []
-        for b in self.batches:
-            c, d = b["config"], b["diagnostics"]
-            row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"], "batch_size": c["batch_size"],
-                   "sequential": c["sequential"], "batch": b["batch"], "delta_norm": float(d["delta_norm"]),
-                   "cond_gram": float(d["cond_gram"]) if d.get("cond_gram") is not None else float("nan"),
-                   "z_prob_final": d["z"]["prob_final_mean"], "z_loss_final": d["z"]["loss_final_mean"],
-                   **{f"seconds_{k}": v for k, v in b["seconds"].items()}}
-            for l, ld in d["layers"].items(): row[f"delta_norm_L{l}"] = float(ld["delta_norm"])
+@patch
+def records_frame(self: SweepResults, metrics: Sequence[str] = SCORE_METRICS + MAGNITUDE_METRICS):
+    "pandas DataFrame, one row per (configuration, batch, evaluated record): metric columns, NaN where non-finite."
+    import pandas as pd
+    rows = []
+    for b in self.batches:
+        c = b["config"]
+        for r in b["records"]:
+            row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"],
+                   "batch_size": c["batch_size"], "sequential": c["sequential"], "batch": b["batch"],
+                   "case_id": r["case_id"], "in_batch": r["case_id"] in b["case_ids"]}
+            for m in metrics:
+                v = _metric_value(r, m)
+                row[m] = float("nan") if v is None else v
             rows.append(row)
-        return pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+@patch
+def nonfinite_report(self: SweepResults):
+    "pandas DataFrame of every non-finite metric value: configuration, batch, case_id, metric, reason."
+    import pandas as pd
+    rows = [{"config": b["config"]["name"], "batch": b["batch"], "case_id": r["case_id"], "metric": m, "reason": why}
+            for b in self.batches for r in b["records"] for m, why in r["nonfinite"].items()]
+    rows += [{"config": "pre-edit", "batch": -1, "case_id": r["case_id"], "metric": m, "reason": why}
+             for r in self.pre.values() for m, why in r["nonfinite"].items()]
+    return pd.DataFrame(rows, columns=["config", "batch", "case_id", "metric", "reason"])
+
+# %% ../nbs/19_sweep_results.ipynb #4610668c
+@patch
+def _aggregate(self: SweepResults, recs: list[dict], level: float) -> dict:
+    out = {}
+    for m in SCORE_METRICS + MAGNITUDE_METRICS:
+        vals = [v for v in (_metric_value(r, m) for r in recs) if v is not None]
+        good = [v for v in vals if math.isfinite(v)]
+        mean, ci = mean_ci(good, level) if good else (float("nan"), float("nan"))
+        out[m], out[m + "_ci"], out[m + "_n"], out[m + "_nonfinite"] = mean, ci, len(good), len(vals) - len(good)
+    means = [out[m] for m in SCORE_METRICS]
+    out["overall_score"] = harmonic_mean(means) if all(math.isfinite(x) for x in means) else float("nan")
+    return out
+
+
+@patch
+def summary(self: SweepResults, level: float = 0.95):
+    """pandas DataFrame, one row per configuration: metric means (`*_ci`: CI half-width, `*_n`: finite values,
+    `*_nonfinite`: excluded values), overall score, mean ‖Δ‖, geometric-mean κ(KᵀC⁻¹K), seconds per edit."""
+    import pandas as pd
+    groups = {}
+    for b in self._final(): groups.setdefault(b["config"]["name"], []).append(b)
+    rows = []
+    for name, bs in groups.items():
+        c = bs[0]["config"]
+        recs = [r for b in bs for r in b["records"]]
+        conds = [float(b["diagnostics"]["cond_gram"]) for b in bs if b["diagnostics"].get("cond_gram") is not None]
+        all_b = [b for b in self.batches if b["config"]["name"] == name]
+        rows.append({"config": name, "method": c["method"], "layer_mode": c["layer_mode"],
+                     "layers": ",".join(map(str, c["layers"])), "batch_size": c["batch_size"],
+                     "sequential": c["sequential"], "n_batches": len(all_b), "n_records": len(recs),
+                     **self._aggregate(recs, level),
+                     "delta_norm": float(np.mean([float(b["diagnostics"]["delta_norm"]) for b in bs])),
+                     "cond_gram": float(np.exp(np.mean(np.log(conds)))) if conds else float("nan"),
+                     "seconds_per_edit": sum(b["seconds"]["total"] for b in all_b)
+                                         / max(1, sum(len(b["case_ids"]) for b in all_b))})
+    df = pd.DataFrame(rows)
+    return df.sort_values(["sequential", "layer_mode", "method", "batch_size"]).reset_index(drop=True) if rows else df
+
+# %% ../nbs/19_sweep_results.ipynb #16aa5078
+@patch
+def pre_summary(self: SweepResults, case_ids: Sequence | None = None, level: float = 0.95) -> dict:
+    "Pre-edit metric means (and overall score) over `case_ids` (default: every record evaluated before editing)."
+    ids = [str(c) for c in case_ids] if case_ids is not None else list(self.pre)
+    missing = [c for c in ids if c not in self.pre]
+    if missing: raise KeyError(f"no pre-edit evaluation for case_ids {missing[:5]}")
+    return self._aggregate([self.pre[c] for c in ids], level)
+
+
+@patch
+def diagnostics_frame(self: SweepResults):
+    "pandas DataFrame, one row per batch: ‖Δ‖, κ(KᵀC⁻¹K), per-layer ‖Δ‖, z statistics, timings."
+    import pandas as pd
+    rows = []
+    for b in self.batches:
+        c, d = b["config"], b["diagnostics"]
+        row = {"config": c["name"], "method": c["method"], "layer_mode": c["layer_mode"], "batch_size": c["batch_size"],
+               "sequential": c["sequential"], "batch": b["batch"], "delta_norm": float(d["delta_norm"]),
+               "cond_gram": float(d["cond_gram"]) if d.get("cond_gram") is not None else float("nan"),
+               "z_prob_final": d["z"]["prob_final_mean"], "z_loss_final": d["z"]["loss_final_mean"],
+               **{f"seconds_{k}": v for k, v in b["seconds"].items()}}
+        for l, ld in d["layers"].items(): row[f"delta_norm_L{l}"] = float(ld["delta_norm"])
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 # %% ../nbs/19_sweep_results.ipynb #469045a0
 def load_sweep(out_dir: str | os.PathLike) -> SweepResults:

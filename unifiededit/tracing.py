@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .hooks import Trace, main_tensor
 from .scores import encode_pair
@@ -158,38 +159,46 @@ class LayerRunner:
         self.layer_inputs = [_first_input(*c).clone() for c in self.calls]          # L × (1, T, d)
         self.clean_probs = logits.double().softmax(-1)[0]                             # (V,)
 
-    def state(self, kind: str, layer: int) -> torch.Tensor:
-        "(1, T, d) clean output of the `kind` module of `layer`."
-        return self.clean[self.adapter.name(_ADAPTER_KIND[check_kind(kind)], layer)]
+# %% ../nbs/21_tracing.ipynb #2ed65e81
+@patch
+def state(self: LayerRunner, kind: str, layer: int) -> torch.Tensor:
+    "(1, T, d) clean output of the `kind` module of `layer`."
+    return self.clean[self.adapter.name(_ADAPTER_KIND[check_kind(kind)], layer)]
 
-    @torch.no_grad()
-    def run(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
-        "(B, T, d) output of the last block, running blocks `start`, …, L-1 on their input `h` (B, T, d)."
-        if not 0 <= start < self.n_layers: raise ValueError(f"start layer {start} outside 0..{self.n_layers - 1}")
-        for i in range(start, self.n_layers):
-            h = _call_block(self.adapter.module("layer", i), h, *self.calls[i])
-        return h
 
-    @torch.no_grad()
-    def probs(self, h_last: torch.Tensor) -> torch.Tensor:
-        "(B, V) float64 next-token distribution from the last block's output (B, T, d), at the last position."
-        x = self.adapter.module("ln_f")(h_last[:, -1:])
-        return self.adapter.logits(x)[:, -1].double().softmax(-1)
+@patch
+@torch.no_grad()
+def run(self: LayerRunner, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+    "(B, T, d) output of the last block, running blocks `start`, …, L-1 on their input `h` (B, T, d)."
+    if not 0 <= start < self.n_layers: raise ValueError(f"start layer {start} outside 0..{self.n_layers - 1}")
+    for i in range(start, self.n_layers):
+        h = _call_block(self.adapter.module("layer", i), h, *self.calls[i])
+    return h
 
-    @torch.no_grad()
-    def corrupt(self, noise: torch.Tensor, subject_range: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The corrupted run, through the real model: `noise` (S, e-b, d) added to the embedding-module output at the
-        subject's tokens of S copies of the prompt. Returns every block's input, L × (S, T, d), and the (S, V) probs."""
-        a, (b, e) = self.adapter, subject_range
-        embed, blocks = a.name("embed"), [a.name("layer", i) for i in range(self.n_layers)]
-        def add_noise(name, out):
-            if name != embed: return out
-            out = out.clone()
-            out[:, b:e] += noise.to(out.device, out.dtype)
-            return out
-        with Trace(self.model, [embed] + blocks, retain_input=True, retain_output=False, edit_output=add_noise) as tr:
-            logits = self.model(input_ids=self.input_ids.expand(noise.shape[0], -1), use_cache=False).logits[:, -1]
-        return [tr.inputs[n] for n in blocks], logits.double().softmax(-1)
+
+@patch
+@torch.no_grad()
+def probs(self: LayerRunner, h_last: torch.Tensor) -> torch.Tensor:
+    "(B, V) float64 next-token distribution from the last block's output (B, T, d), at the last position."
+    x = self.adapter.module("ln_f")(h_last[:, -1:])
+    return self.adapter.logits(x)[:, -1].double().softmax(-1)
+
+
+@patch
+@torch.no_grad()
+def corrupt(self: LayerRunner, noise: torch.Tensor, subject_range: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The corrupted run, through the real model: `noise` (S, e-b, d) added to the embedding-module output at the
+    subject's tokens of S copies of the prompt. Returns every block's input, L × (S, T, d), and the (S, V) probs."""
+    a, (b, e) = self.adapter, subject_range
+    embed, blocks = a.name("embed"), [a.name("layer", i) for i in range(self.n_layers)]
+    def add_noise(name, out):
+        if name != embed: return out
+        out = out.clone()
+        out[:, b:e] += noise.to(out.device, out.dtype)
+        return out
+    with Trace(self.model, [embed] + blocks, retain_input=True, retain_output=False, edit_output=add_noise) as tr:
+        logits = self.model(input_ids=self.input_ids.expand(noise.shape[0], -1), use_cache=False).logits[:, -1]
+    return [tr.inputs[n] for n in blocks], logits.double().softmax(-1)
 
 # %% ../nbs/21_tracing.ipynb #6dcbf4cd
 def _restore_edit(packed: dict):

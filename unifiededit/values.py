@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .hooks import Trace, add_at_positions
 from .keys import (ContextTemplates, EditRequest, as_requests, check_fits, encode_with_subject, fill, pad_id,
@@ -265,77 +266,87 @@ class _ChunkOptimizer:
     def __init__(self, reqs, cfg: ValueConfig, sync_every: int = 1, bar=None):
         self.reqs, self.cfg, self.sync_every, self.bar, self.delta = reqs, cfg, sync_every, bar, None
 
-    def start(self, h: torch.Tensor):
-        "h (E, d): the hooked activation at delta = 0. Creates delta = 0 (float32 or wider), Adam and the record."
-        E, dev = len(self.reqs), h.device
-        self.h = h.detach().clone()
-        self.delta = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=dev, requires_grad=True)
-        self.opt = torch.optim.Adam([self.delta], lr=self.cfg.v_lr, **({"fused": True} if dev.type == "cuda" else {}))
-        self.active = torch.ones(E, dtype=torch.bool, device=dev)          # edits still optimizing
-        self.n_steps = torch.zeros(E, dtype=torch.long, device=dev)
-        self.top1 = torch.zeros(E, dtype=torch.long, device=dev)          # MPES: evaluations with every target top-1
-        self.hist = torch.full((self.cfg.v_num_grad_steps, E), float("nan"), device=dev)
-        self.res = {k: torch.zeros(E, device=dev) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
-        self.bad = {w: torch.zeros(E, dtype=torch.bool, device=dev) for w in ("loss", "delta")}
-        self.kl_init, self.batch, self.batch_dev = None, list(range(E)), torch.arange(E, device=dev)
+# %% ../nbs/10_values.ipynb #3aca73d6
+@patch
+def start(self: _ChunkOptimizer, h: torch.Tensor):
+    "h (E, d): the hooked activation at delta = 0. Creates delta = 0 (float32 or wider), Adam and the record."
+    E, dev = len(self.reqs), h.device
+    self.h = h.detach().clone()
+    self.delta = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=dev, requires_grad=True)
+    self.opt = torch.optim.Adam([self.delta], lr=self.cfg.v_lr, **({"fused": True} if dev.type == "cuda" else {}))
+    self.active = torch.ones(E, dtype=torch.bool, device=dev)          # edits still optimizing
+    self.n_steps = torch.zeros(E, dtype=torch.long, device=dev)
+    self.top1 = torch.zeros(E, dtype=torch.long, device=dev)          # MPES: evaluations with every target top-1
+    self.hist = torch.full((self.cfg.v_num_grad_steps, E), float("nan"), device=dev)
+    self.res = {k: torch.zeros(E, device=dev) for k in ("loss_init", "loss_final", "nll", "kl", "p0", "p1")}
+    self.bad = {w: torch.zeros(E, dtype=torch.bool, device=dev) for w in ("loss", "delta")}
+    self.kl_init, self.batch, self.batch_dev = None, list(range(E)), torch.arange(E, device=dev)
 
-    def loss(self, adapter, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl, t_mp):
-        """Total loss (k,) of the k edits of `self.batch` (in that order), its NLL, KL and mean target probability,
-        and whether every MPES target is the argmax."""
-        idx, fdt = self.batch_dev, self.delta.dtype
-        nll, prob, kl_logp, top1 = _value_loss(adapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, len(idx), hid_kl, t_mp)
-        if self.kl_init is None: self.kl_init = kl_logp.detach().clone()     # first call: every edit, delta = 0
-        kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(kl_logp.device)])).sum(-1)          # KL(P_δ || P_0)
-        wd = self.cfg.v_weight_decay * self.delta[idx].norm(dim=-1) / self.h[idx].to(fdt).norm(dim=-1) ** 2
-        return nll + self.cfg.kl_factor * kl + wd.to(nll.device), nll, kl, prob, top1
 
-    def step(self, it: int, loss, nll, kl, prob, top1) -> bool:
-        """Record evaluation `it` of the batch; stop the edits below the threshold; unless this was the last
-        evaluation, one Adam step and the projection for the others. Returns False when the chunk is done."""
-        cfg, idx, dev = self.cfg, self.batch_dev, self.delta.device
-        lv, act = loss.detach().to(dev), self.active[idx]
-        self.bad["loss"][idx] |= act & ~torch.isfinite(lv)
-        self.hist[it, idx] = torch.where(act, lv, self.hist[it, idx])
-        if it == 0: self.res["loss_init"][idx], self.res["p0"][idx] = lv, prob.detach().to(dev)
-        for key, v in (("loss_final", lv), ("nll", nll), ("kl", kl), ("p1", prob)):
-            self.res[key][idx] = torch.where(act, v.detach().to(dev), self.res[key][idx])
-        self.top1[idx] += (act & top1.to(dev)).long()
-        mpes = _mpes_stop(cfg.prob_cutoff, self.top1[idx], prob.detach().to(dev))
-        go = act & (lv >= cfg.early_stop_loss) & ~mpes                      # per-edit early stop
-        last = it == cfg.v_num_grad_steps - 1
-        if not last:
-            self.opt.zero_grad()
-            torch.where(go.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
-            before = self.delta.detach().clone()
-            self.opt.step()
-            with torch.no_grad():
-                moved = torch.zeros_like(self.active).index_put_((idx,), go)  # (E,): the edits that step
-                d = torch.where(moved[:, None], self.delta, before)          # stopped edits: undo Adam's move
-                norms, limit = d.norm(dim=-1, keepdim=True), cfg.clamp_norm_factor * self.h.to(d.dtype).norm(dim=-1, keepdim=True)
-                self.delta.copy_(torch.where(moved[:, None] & (norms > limit), d * (limit / norms), d))
-                self.bad["delta"] |= moved & ~torch.isfinite(self.delta).all(-1)
-                self.n_steps += moved
-        self.active[idx] = go
-        return self._sync(it) if last or (it + 1) % self.sync_every == 0 else True
+@patch
+def loss(self: _ChunkOptimizer, adapter, hid_t, t_lab, t_w, t_row, rw_edit, hid_kl, t_mp):
+    """Total loss (k,) of the k edits of `self.batch` (in that order), its NLL, KL and mean target probability,
+    and whether every MPES target is the argmax."""
+    idx, fdt = self.batch_dev, self.delta.dtype
+    nll, prob, kl_logp, top1 = _value_loss(adapter, fdt, hid_t, t_lab, t_w, t_row, rw_edit, len(idx), hid_kl, t_mp)
+    if self.kl_init is None: self.kl_init = kl_logp.detach().clone()     # first call: every edit, delta = 0
+    kl = (kl_logp.exp() * (kl_logp - self.kl_init[idx.to(kl_logp.device)])).sum(-1)          # KL(P_δ || P_0)
+    wd = self.cfg.v_weight_decay * self.delta[idx].norm(dim=-1) / self.h[idx].to(fdt).norm(dim=-1) ** 2
+    return nll + self.cfg.kl_factor * kl + wd.to(nll.device), nll, kl, prob, top1
 
-    def _sync(self, it: int) -> bool:
-        "The host reads the state: raise on a non-finite value, drop stopped edits from the batch, report progress."
-        for what, flags in self.bad.items():
-            if flags.any():
-                e = int(flags.nonzero()[0])
-                raise _non_finite(self.reqs[e], what, self.hist[it, e].item() if what == "loss" else self.delta[e].norm().item())
-        active = self.active.nonzero().flatten().tolist()
-        if self.bar is not None:
-            self.bar.set_postfix(step=it, optimizing=len(active), mean_loss=f"{float(self.hist[it].nanmean()):.3f}")
-        if it == self.cfg.v_num_grad_steps - 1 or not active: return False
-        if len(active) < len(self.batch): self.batch, self.batch_dev = active, torch.tensor(active, device=self.delta.device)
-        return True
+# %% ../nbs/10_values.ipynb #48a3af95
+@patch
+def step(self: _ChunkOptimizer, it: int, loss, nll, kl, prob, top1) -> bool:
+    """Record evaluation `it` of the batch; stop the edits below the threshold; unless this was the last
+    evaluation, one Adam step and the projection for the others. Returns False when the chunk is done."""
+    cfg, idx, dev = self.cfg, self.batch_dev, self.delta.device
+    lv, act = loss.detach().to(dev), self.active[idx]
+    self.bad["loss"][idx] |= act & ~torch.isfinite(lv)
+    self.hist[it, idx] = torch.where(act, lv, self.hist[it, idx])
+    if it == 0: self.res["loss_init"][idx], self.res["p0"][idx] = lv, prob.detach().to(dev)
+    for key, v in (("loss_final", lv), ("nll", nll), ("kl", kl), ("p1", prob)):
+        self.res[key][idx] = torch.where(act, v.detach().to(dev), self.res[key][idx])
+    self.top1[idx] += (act & top1.to(dev)).long()
+    mpes = _mpes_stop(cfg.prob_cutoff, self.top1[idx], prob.detach().to(dev))
+    go = act & (lv >= cfg.early_stop_loss) & ~mpes                      # per-edit early stop
+    last = it == cfg.v_num_grad_steps - 1
+    if not last:
+        self.opt.zero_grad()
+        torch.where(go.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
+        before = self.delta.detach().clone()
+        self.opt.step()
+        with torch.no_grad():
+            moved = torch.zeros_like(self.active).index_put_((idx,), go)  # (E,): the edits that step
+            d = torch.where(moved[:, None], self.delta, before)          # stopped edits: undo Adam's move
+            norms, limit = d.norm(dim=-1, keepdim=True), cfg.clamp_norm_factor * self.h.to(d.dtype).norm(dim=-1, keepdim=True)
+            self.delta.copy_(torch.where(moved[:, None] & (norms > limit), d * (limit / norms), d))
+            self.bad["delta"] |= moved & ~torch.isfinite(self.delta).all(-1)
+            self.n_steps += moved
+    self.active[idx] = go
+    return self._sync(it) if last or (it + 1) % self.sync_every == 0 else True
 
-    def result(self) -> dict:
-        r = {k: v.cpu() for k, v in self.res.items()}
-        return dict(delta=self.delta.detach(), h=self.h.to(self.delta.dtype), loss_init=r["loss_init"],
-                    loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
-                    hist=self.hist.cpu())
+
+@patch
+def _sync(self: _ChunkOptimizer, it: int) -> bool:
+    "The host reads the state: raise on a non-finite value, drop stopped edits from the batch, report progress."
+    for what, flags in self.bad.items():
+        if flags.any():
+            e = int(flags.nonzero()[0])
+            raise _non_finite(self.reqs[e], what, self.hist[it, e].item() if what == "loss" else self.delta[e].norm().item())
+    active = self.active.nonzero().flatten().tolist()
+    if self.bar is not None:
+        self.bar.set_postfix(step=it, optimizing=len(active), mean_loss=f"{float(self.hist[it].nanmean()):.3f}")
+    if it == self.cfg.v_num_grad_steps - 1 or not active: return False
+    if len(active) < len(self.batch): self.batch, self.batch_dev = active, torch.tensor(active, device=self.delta.device)
+    return True
+
+
+@patch
+def result(self: _ChunkOptimizer) -> dict:
+    r = {k: v.cpu() for k, v in self.res.items()}
+    return dict(delta=self.delta.detach(), h=self.h.to(self.delta.dtype), loss_init=r["loss_init"],
+                loss_final=r["loss_final"], nll=r["nll"], kl=r["kl"], p0=r["p0"], p1=r["p1"], n=self.n_steps.cpu(),
+                hist=self.hist.cpu())
 
 # %% ../nbs/10_values.ipynb #f0b3c95e
 def _chunk_batch(prompts: list[ValuePrompts], edits: list[int], pad: int, device, head_device):
