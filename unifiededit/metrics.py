@@ -353,6 +353,44 @@ class EditEvaluation:
         if path is not None: Path(path).write_text(s)
         return s
 
+# %% ../nbs/17_metrics.ipynb #94f135e5
+def _prompt_nlls(r: EditRecord, S: dict) -> dict:
+    "The per-prompt mean NLLs of both targets, in ROME's `*_prompts_probs` layout."
+    pair = lambda p, true: {"target_new": S[(p, r.target_new)].nll, "target_true": S[(p, true)].nll}  # noqa: E731
+    return {"rewrite": [pair(r.rewrite_prompt, r.target_true)],
+            "paraphrase": [pair(p, r.target_true) for p in r.paraphrase_prompts],
+            "neighborhood": [pair(p, a) for p, a in zip(r.neighborhood_prompts, r.neighborhood_answers)]}
+
+# %% ../nbs/17_metrics.ipynb #0fbf1fcf
+def _generation_metrics(model, tok, r: EditRecord, *, snippets, tfidf, max_out_len: int, top_k: int, seed: int,
+                        word_tokenize) -> tuple[dict, dict, dict, list[str] | None]:
+    "Generation entropy and reference score of one CounterFact record: values, why unavailable, non-finite, texts."
+    vals, why, nonfinite = {}, {}, {}
+    if not r.generation_prompts:
+        why["generation_entropy"] = why["reference_score"] = "the record has no generation prompts"
+        return vals, why, nonfinite, None
+    gens = sample_generations(model, tok, list(r.generation_prompts), max_out_len=max_out_len,
+                              top_k=top_k, seed=_record_seed(seed, r.case_id))
+    texts, ok = [g.text for g in gens], [g.finite for g in gens]
+    if all(ok): vals["generation_entropy"] = generation_entropy(texts, tokenize=word_tokenize)
+    else:
+        vals["generation_entropy"] = float("nan")
+        nonfinite["generation_entropy"] = "non-finite logits while sampling the generations"
+    if snippets is None or tfidf is None:
+        why["reference_score"] = ("needs ROME's attribute snippets and tf-idf statistics: pass "
+                                  "snippets=load_attribute_snippets(...), tfidf=load_tfidf_stats(...)")
+    elif not (r.relation_id and r.target_new_id):
+        why["reference_score"] = "the record has no Wikidata relation/target ids"
+    elif not snippets.texts(r.relation_id, r.target_new_id):
+        why["reference_score"] = f"no attribute snippets for ({r.relation_id}, {r.target_new_id})"
+    elif not all(ok):
+        vals["reference_score"] = float("nan")
+        nonfinite["reference_score"] = "non-finite logits while sampling the generations"
+    else:
+        vals["reference_score"] = tfidf_similarity(
+            " ".join(texts), " ".join(snippets.texts(r.relation_id, r.target_new_id)), tfidf)
+    return vals, why, nonfinite, texts
+
 # %% ../nbs/17_metrics.ipynb #c0aea949
 def evaluate(model, tok, records: Iterable[EditRecord], *, suites: Sequence[str] | None = None, batch_size: int = 32,
              generation: bool = False, snippets: AttributeSnippets | None = None, tfidf: TfidfStats | None = None,
@@ -375,39 +413,12 @@ def evaluate(model, tok, records: Iterable[EditRecord], *, suites: Sequence[str]
         vals, why, nonfinite, extra = {}, {}, {}, {}
         if "counterfact" in ss:
             v, w = _counterfact_metrics(r, S); vals |= v; why |= w
-            if r.target_true is not None:      # the per-prompt values, in ROME's `*_prompts_probs` layout (mean NLLs)
-                extra["nll"] = {
-                    "rewrite": [{"target_new": S[(p, r.target_new)].nll, "target_true": S[(p, r.target_true)].nll}
-                                for p in [r.rewrite_prompt]],
-                    "paraphrase": [{"target_new": S[(p, r.target_new)].nll, "target_true": S[(p, r.target_true)].nll}
-                                   for p in r.paraphrase_prompts],
-                    "neighborhood": [{"target_new": S[(p, r.target_new)].nll, "target_true": S[(p, a)].nll}
-                                     for p, a in zip(r.neighborhood_prompts, r.neighborhood_answers)]}
+            if r.target_true is not None: extra["nll"] = _prompt_nlls(r, S)
             if generation:
-                if not r.generation_prompts:
-                    why["generation_entropy"] = why["reference_score"] = "the record has no generation prompts"
-                else:
-                    gens = sample_generations(model, tok, list(r.generation_prompts), max_out_len=max_out_len,
-                                              top_k=top_k, seed=_record_seed(seed, r.case_id))
-                    texts, ok = [g.text for g in gens], [g.finite for g in gens]
-                    extra["texts"] = texts
-                    if all(ok): vals["generation_entropy"] = generation_entropy(texts, tokenize=word_tokenize)
-                    else:
-                        vals["generation_entropy"] = float("nan")
-                        nonfinite["generation_entropy"] = "non-finite logits while sampling the generations"
-                    if snippets is None or tfidf is None:
-                        why["reference_score"] = ("needs ROME's attribute snippets and tf-idf statistics: pass "
-                                                  "snippets=load_attribute_snippets(...), tfidf=load_tfidf_stats(...)")
-                    elif not (r.relation_id and r.target_new_id):
-                        why["reference_score"] = "the record has no Wikidata relation/target ids"
-                    elif not snippets.texts(r.relation_id, r.target_new_id):
-                        why["reference_score"] = f"no attribute snippets for ({r.relation_id}, {r.target_new_id})"
-                    elif not all(ok):
-                        vals["reference_score"] = float("nan")
-                        nonfinite["reference_score"] = "non-finite logits while sampling the generations"
-                    else:
-                        vals["reference_score"] = tfidf_similarity(
-                            " ".join(texts), " ".join(snippets.texts(r.relation_id, r.target_new_id)), tfidf)
+                v, w, nf, texts = _generation_metrics(model, tok, r, snippets=snippets, tfidf=tfidf, max_out_len=max_out_len,
+                                                      top_k=top_k, seed=seed, word_tokenize=word_tokenize)
+                vals |= v; why |= w; nonfinite |= nf
+                if texts is not None: extra["texts"] = texts
             else:
                 why["generation_entropy"] = why["reference_score"] = "generation metrics not requested (generation=False)"
         if "zsre" in ss:
