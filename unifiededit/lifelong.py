@@ -206,7 +206,7 @@ def lifelong_table(runs: dict[str, LifelongRun]):
 LIFELONG_PANELS = (("all", "efficacy_score", "ES: every edit so far"), ("all", "paraphrase_score", "PS: every edit so far"),
                    ("all", "neighborhood_score", "NS: every edit so far"),
                    ("first_batch", "efficacy_score", "ES of the first batch (retention)"),
-                   ("delta_norm", None, "‖W − W0‖_F, all edited layers"), ("perplexity", None, "held-out perplexity"))
+                   ("delta_norm", None, "‖W − W0‖_F, all edited layers"), ("perplexity", None, "held-out perplexity (log scale)"))
 
 
 def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
@@ -232,6 +232,7 @@ def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
             else:
                 y = [0.0 if key == "delta_norm" else r.pre.get(key, math.nan)] + [c.get(key, math.nan) for c in r.checkpoints]
                 ax.plot(x, y, **style)
+        if key == "perplexity": ax.set_yscale("log")      # a collapse reaches thousands
         ax.set_title(label, fontsize=9); ax.set_xlabel("edits made", fontsize=8); ax.grid(alpha=0.3)
     axs.flat[0].legend(fontsize=7)
     if title: fig.suptitle(title, fontsize=10)
