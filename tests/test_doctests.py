@@ -16,8 +16,9 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(unifiededit.__path__, "uni
 
 def _globals():
     import math
-    from unifiededit.keys import EditRequest
-    from unifiededit.models import ModelAdapter, tiny_model, tiny_tokenizer
+    from unifiededit.requests import EditRequest
+    from unifiededit.models import ModelAdapter
+    from unifiededit.tiny import tiny_model, tiny_tokenizer
     return dict(math=math, torch=torch, EditRequest=EditRequest, ModelAdapter=ModelAdapter, tiny_model=tiny_model,
                 tiny_tokenizer=tiny_tokenizer)
 

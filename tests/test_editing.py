@@ -6,7 +6,8 @@ import torch
 
 import unifiededit as ue
 from unifiededit.keys import ContextTemplates, compute_keys
-from unifiededit.models import TINY_FAMILIES, ModelAdapter, _TINY_TEXT, tiny_model, tiny_tokenizer
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import TINY_FAMILIES, _TINY_TEXT, tiny_model, tiny_tokenizer
 from unifiededit.corpus import model_sampled_corpus
 from unifiededit.stats import collect_key_stats
 

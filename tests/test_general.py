@@ -7,7 +7,7 @@ import torch
 import unifiededit as ue
 from unifiededit.corpus import model_sampled_corpus
 from unifiededit.general import alphaedit_update, encore_update, nullspace, preservation_terms, rome_variant_update
-from unifiededit.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from unifiededit.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 from unifiededit.objective import emmet_update, memit_update
 from unifiededit.stats import collect_key_stats
 

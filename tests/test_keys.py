@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from unifiededit.keys import (ContextTemplates, EditRequest, compute_keys, encode_with_subject, fill, pad_right,
-                              subject_activations, subject_last_token, template_weights)
-from unifiededit.models import ModelAdapter, tiny_model, tiny_tokenizer
+from unifiededit.keys import ContextTemplates, compute_keys, subject_activations, template_weights
+from unifiededit.requests import EditRequest, encode_with_subject, fill, pad_right, subject_last_token
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import tiny_model, tiny_tokenizer
 
 KINDS = ["bpe", "sentencepiece"]
 FAMILY = {"bpe": "gpt2", "sentencepiece": "llama"}

@@ -9,11 +9,12 @@ import torch
 
 import unifiededit.metrics as M
 from unifiededit.data import EditDataset, EditRecord, TfidfStats, load_counterfact, load_easyedit_counterfact, load_zsre
-from unifiededit.metrics import (EditEvaluation, evaluate, generation_entropy, ngram_entropy, sample_generations,
-                                 tfidf_similarity, word_tokenize)
+from unifiededit.metrics import EditEvaluation, evaluate
+from unifiededit.generation import (generation_entropy, ngram_entropy, sample_generations, tfidf_similarity,
+    word_tokenize)
 from unifiededit.scores import (TargetScore, encode_pair, harmonic_mean, mean_ci, prediction_agreement, prob_magnitude,
                                 prob_success, score_targets, student_t_quantile, token_accuracy)
-from unifiededit.models import tiny_model, tiny_tokenizer
+from unifiededit.tiny import tiny_model, tiny_tokenizer
 
 FAMILIES = [("gpt2", "bpe"), ("llama", "sentencepiece")]
 PAIRS = [("The Colosseum is located in", "Rome"), ("LeBron James plays the sport of", "football"),

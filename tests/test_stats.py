@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unifiededit.models import ModelAdapter, tiny_model, tiny_tokenizer, TINY_FAMILIES
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import tiny_model, tiny_tokenizer, TINY_FAMILIES
 from unifiededit.corpus import (Corpus, as_corpus, default_corpus, file_corpus, model_sampled_corpus, special_prefix,
                                 text_corpus, token_batches)
 from unifiededit.stats import KeyStats, KeyStatsCollector, LayerStats, StatsCache, collect_key_stats, resolve_n_tokens

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from unifiededit.models import tiny_model, tiny_tokenizer
+from unifiededit.tiny import tiny_model, tiny_tokenizer
 from unifiededit.store import (CorruptFile, TensorCache, atomic_write, clean_stale_temps, digest, load_tensors,
                                model_fingerprint, model_id, read_json, save_tensors, temp_path, tensors_digest,
                                tokenizer_fingerprint, write_json_atomic, write_text_atomic)

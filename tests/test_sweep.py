@@ -17,7 +17,8 @@ from unifiededit.data import EditRecord
 from unifiededit.editing import edit
 from unifiededit.hparams import HParams
 from unifiededit.keys import ContextTemplates
-from unifiededit.models import _TINY_TEXT, ModelAdapter, tiny_model, tiny_tokenizer
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import _TINY_TEXT, tiny_model, tiny_tokenizer
 from unifiededit.stats import collect_key_stats
 from unifiededit.batched_values import compute_target_values
 

@@ -7,7 +7,8 @@ import torch
 from unifiededit.data import EditRecord
 from unifiededit.hooks import Trace
 from unifiededit.hparams import HParams
-from unifiededit.models import TINY_FAMILIES, ModelAdapter, tiny_model, tiny_tokenizer
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 from unifiededit.trace_analysis import (average_effect, known_facts, layers_from_trace, load_traces, save_traces,
                                         trace_facts)
 from unifiededit.tracing import (KINDS, LayerRunner, TraceResult, locate_subject, make_noise, noise_scale, trace_fact,

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from unifiededit.keys import ContextTemplates, EditRequest, fill
-from unifiededit.models import TINY_FAMILIES, ModelAdapter, tiny_model, tiny_tokenizer
+from unifiededit.keys import ContextTemplates
+from unifiededit.requests import EditRequest, fill
+from unifiededit.models import ModelAdapter
+from unifiededit.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 from unifiededit.batched_values import compute_target_values, prefix_reuse_unsupported
 from unifiededit.values import TargetValues, compute_target_values_serial, target_token_ids, value_prompts
 

@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "HParams": "unifiededit.hparams",
-    "EditRequest": "unifiededit.keys",
-    "Edit": "unifiededit.editing",
-    "EditHistory": "unifiededit.editing",
+    "EditRequest": "unifiededit.requests",
+    "Edit": "unifiededit.history",
+    "EditHistory": "unifiededit.history",
     "edit": "unifiededit.editing",
     "load_pretrained": "unifiededit.pretrained",
     "collect_key_stats": "unifiededit.stats",
