@@ -150,10 +150,11 @@ def run_lifelong_command(args, out=print) -> dict:
     "`unifiededit lifelong`: `run_lifelong` for each of `--methods` on the same records, one folder each."
     from unifiededit.data import load_dataset
     from unifiededit.hparams import HParams
-    from unifiededit.lifelong import run_lifelong, text_head
+    from unifiededit.lifelong import fluency_prompts, lifelong_fluency, run_lifelong, text_head
     from unifiededit.pretrained import load_pretrained
     from unifiededit.corpus import file_corpus
     from unifiededit.stats import collect_key_stats
+    if args.fluency < 0: raise ValueError(f"--fluency must be >= 0 (0: skip), got {args.fluency}")
     ds = load_dataset(args.data)
     records = ds.sample(min(args.n_records, len(ds)), seed=args.seed)
     model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))
@@ -174,6 +175,8 @@ def run_lifelong_command(args, out=print) -> dict:
                                   batch_size=1 if rome else args.batch_size,
                                   eval_every=args.rome_eval_every if rome else args.eval_every, ppl_texts=ppl,
                                   time_budget=None if args.time_budget is None else 60 * args.time_budget, log=out)
+    if args.fluency:                                                # every run in --out, and the unedited model
+        lifelong_fluency(model, tok, args.out, fluency_prompts(records, args.fluency), seed=args.seed, log=out)
     return runs
 
 # %% ../nbs/28_cli.ipynb #fc2f9c40
@@ -304,6 +307,9 @@ def _lifelong_parser(sub) -> argparse.ArgumentParser:
     lf.add_argument("--n-tokens", type=_n_tokens, default="auto", help=_NTOK_HELP)
     lf.add_argument("--ppl-text", default=None, help="held-out text file whose perplexity is tracked")
     lf.add_argument("--ppl-tokens", type=int, default=16_384, help="tokens of --ppl-text used")
+    lf.add_argument("--fluency", type=int, default=0,
+                    help="after the runs: generation entropy of the first N records' prompts continued by the unedited "
+                         "model and by each run's last weights in --out (fluency.json); 0: skip")
     lf.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
     lf.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
     lf.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")

@@ -15,17 +15,19 @@ from typing import Callable, Sequence
 import torch
 
 from .editing import edit
+from .generation import generation_entropy, sample_generations, word_tokenize
 from .history import EditHistory
 from .hparams import HParams
 from .keys import ContextTemplates
 from .metrics import evaluate
 from .models import ModelAdapter, eval_mode, execution_device
-from .store import (clean_stale_temps, digest, load_tensors, model_id, read_json, save_tensors,
-                               tensors_digest, write_json_atomic)
+from .store import (check_int, clean_stale_temps, digest, load_tensors, model_id, read_json,
+                               save_tensors, tensors_digest, write_json_atomic)
 
 # %% auto #0
-__all__ = ['LIFELONG_FORMAT', 'LIFELONG_PANELS', 'perplexity', 'LifelongRun', 'run_lifelong', 'text_head', 'load_lifelong',
-           'lifelong_table', 'plot_lifelong']
+__all__ = ['LIFELONG_FORMAT', 'LIFELONG_PANELS', 'LIFELONG_FLUENCY_FORMAT', 'perplexity', 'LifelongRun', 'run_lifelong',
+           'text_head', 'load_lifelong', 'lifelong_table', 'plot_lifelong', 'fluency_prompts', 'lifelong_fluency',
+           'fluency_table']
 
 # %% ../nbs/25_lifelong.ipynb #70d62f28
 @torch.no_grad()
@@ -239,3 +241,72 @@ def plot_lifelong(runs: dict[str, LifelongRun], title: str | None = None):
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/25_lifelong.ipynb #f1a0c002
+LIFELONG_FLUENCY_FORMAT = "unifiededit.lifelong-fluency/1"
+
+
+def fluency_prompts(records: Sequence, n: int) -> list[str]:
+    "The first `n` records' prompts for generation: each record's first generation prompt, else its rewrite prompt."
+    n = check_int("n", n, 1)
+    return [r.generation_prompts[0] if r.generation_prompts else r.rewrite_prompt for r in list(records)[:n]]
+
+# %% ../nbs/25_lifelong.ipynb #f1a0c003
+def _fluency_entry(model, tok, prompts, n_edits: int, settings: dict) -> dict:
+    "Generation entropy of `prompts` continued by `model` as it is, over the rows whose logits stayed finite."
+    gens = sample_generations(model, tok, prompts, max_out_len=settings["max_out_len"], top_k=settings["top_k"],
+                              seed=settings["seed"])
+    texts = [g.text for g in gens if g.finite]
+    return {"n_edits": n_edits, "ge": generation_entropy(texts, tokenize=word_tokenize) if texts else None,
+            "finite": len(texts) / len(gens), "samples": [g.text for g in gens[:3]]}
+
+
+@torch.no_grad()
+def lifelong_fluency(model, tok, out_dir, prompts: Sequence[str], *, max_out_len: int = 100, top_k: int = 5,
+                     seed: int = 0, log: Callable = print) -> dict:
+    """Generation entropy (chapter 20) of `prompts` continued by the unedited model and by the weights each run in
+    `out_dir` saved after its last batch, by name ('unedited' first). Written to `out_dir/fluency.json`; each entry
+    is keyed by the settings and the weights it was measured on, and measured again only when they change."""
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts must be non-empty strings, got {prompts[:3]!r}{' ...' if len(prompts) > 3 else ''}")
+    settings = {"model": model_id(model), "prompts": digest(prompts), "max_out_len": check_int("max_out_len", max_out_len, 1),
+                "top_k": check_int("top_k", top_k, 1), "seed": check_int("seed", seed)}
+    out_dir, adapter = Path(out_dir), ModelAdapter.from_model(model)
+    states = {}                                                    # name -> (weights after the last batch, edits)
+    for name, run in load_lifelong(out_dir).items():
+        if not run.batches: continue
+        state = read_json(run.out_dir / "log.json")
+        if state["identity"]["model"] != settings["model"]:
+            raise ValueError(f"{run.out_dir} was edited from model {state['identity']['model']}, "
+                             f"not from {settings['model']}")
+        tensors, meta = load_tensors(run.out_dir / "state.safetensors")
+        if meta.get("fingerprint") != state["fingerprint"] or meta.get("batch") != len(run.batches) - 1:
+            raise ValueError(f"{run.out_dir}/state.safetensors does not match its log.json")
+        states[name] = (tensors, len(run.batches) * state["identity"]["batch_size"])
+    path = out_dir / "fluency.json"
+    old = read_json(path) or {}
+    entries = old.get("entries", {}) if old.get("format") == LIFELONG_FLUENCY_FORMAT else {}
+    out, names = {}, ["unedited", *states]
+    for name, (tensors, n_edits) in [("unedited", ({}, 0))] + list(states.items()):
+        key = digest(settings, tensors_digest(tensors))
+        if entries.get(name, {}).get("key") == key: out[name] = entries[name]; continue
+        W0 = {int(k.split(".")[1]): adapter.read_weight(int(k.split(".")[1])).clone() for k in tensors}
+        try:
+            for l in W0: adapter.write_weight(l, tensors[f"layer.{l}"])
+            out[name] = {"key": key, **_fluency_entry(model, tok, prompts, n_edits, settings)}
+        finally:
+            for l, w in W0.items(): adapter.write_weight(l, w)
+        log(f"fluency of {name} after {n_edits} edits: GE {out[name]['ge']}")
+        keep = {k: v for k, v in entries.items() if k in names and k not in out}    # runs not measured yet
+        write_json_atomic(path, {"format": LIFELONG_FLUENCY_FORMAT, "settings": settings, "entries": {**out, **keep}})
+    return out
+
+
+# %% ../nbs/25_lifelong.ipynb #f1a0c007
+def fluency_table(out_dir: str | os.PathLike):
+    "`out_dir/fluency.json` as a table: edits made, generation entropy, the share of rows with finite logits, a sample."
+    import pandas as pd
+    f = read_json(Path(out_dir) / "fluency.json") or {}
+    return pd.DataFrame([{"model": k, "edits": e["n_edits"], "GE": None if e["ge"] is None else round(e["ge"], 3),
+                          "finite": e["finite"], "first sample": e["samples"][0]} for k, e in f.get("entries", {}).items()])
