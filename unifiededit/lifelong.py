@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .editing import edit
-from .generation import generation_entropy, sample_generations, word_tokenize
+from .generation import generation_entropy, ngram_entropy, sample_generations, word_tokenize
 from .history import EditHistory
 from .hparams import HParams
 from .keys import ContextTemplates
@@ -253,12 +253,15 @@ def fluency_prompts(records: Sequence, n: int) -> list[str]:
 
 # %% ../nbs/25_lifelong.ipynb #f1a0c003
 def _fluency_entry(model, tok, prompts, n_edits: int, settings: dict) -> dict:
-    "Generation entropy of `prompts` continued by `model` as it is, over the rows whose logits stayed finite."
+    """Generation entropy of `prompts` continued by `model` as it is, with the 95 % half-width over the prompts, over
+    the rows whose logits stayed finite."""
+    from unifiededit.scores import mean_ci
     gens = sample_generations(model, tok, prompts, max_out_len=settings["max_out_len"], top_k=settings["top_k"],
                               seed=settings["seed"])
     texts = [g.text for g in gens if g.finite]
+    ci = mean_ci([ngram_entropy(x, tokenize=word_tokenize) for x in texts])[1] if texts else math.nan
     return {"n_edits": n_edits, "ge": generation_entropy(texts, tokenize=word_tokenize) if texts else None,
-            "finite": len(texts) / len(gens), "samples": [g.text for g in gens[:3]]}
+            "ge_ci": _finite_or_none(ci), "finite": len(texts) / len(gens), "samples": [g.text for g in gens[:3]]}
 
 
 @torch.no_grad()
@@ -305,8 +308,10 @@ def lifelong_fluency(model, tok, out_dir, prompts: Sequence[str], *, max_out_len
 
 # %% ../nbs/25_lifelong.ipynb #f1a0c007
 def fluency_table(out_dir: str | os.PathLike):
-    "`out_dir/fluency.json` as a table: edits made, generation entropy, the share of rows with finite logits, a sample."
+    """`out_dir/fluency.json` as a table: edits made, generation entropy with its 95 % half-width over the prompts, the
+    share of rows with finite logits, and the first sampled text."""
     import pandas as pd
     f = read_json(Path(out_dir) / "fluency.json") or {}
     return pd.DataFrame([{"model": k, "edits": e["n_edits"], "GE": None if e["ge"] is None else round(e["ge"], 3),
-                          "finite": e["finite"], "first sample": e["samples"][0]} for k, e in f.get("entries", {}).items()])
+                          "± 95 %": None if e["ge_ci"] is None else round(e["ge_ci"], 3), "finite": e["finite"],
+                          "first sample": e["samples"][0]} for k, e in f.get("entries", {}).items()])
