@@ -41,6 +41,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
+    package_data={cfg['lib_path']: ['samples/*']},       # the bundled data files (unifiededit/samples/SOURCES.md)
     install_requires=requirements,
     extras_require={'dev': dev_requirements + test_requirements + demo_requirements + docs_requirements,
                     'test': test_requirements + demo_requirements, 'demo': demo_requirements, 'docs': docs_requirements},

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def pick_device(name: str = "auto") -> torch.device:

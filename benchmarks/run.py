@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from _common import DEFAULT_DATA, REPO, load, machine, matmul_rate, now, pick_device, write_json  # noqa: E402
+from _common import REPO, load, machine, matmul_rate, now, pick_device, write_json  # noqa: E402
 
 SUITES = ("values", "stats", "solvers", "e2e")
 GPU_SUITES = ("scale", "quality", "llama7b", "sweep", "solvers")
@@ -71,7 +71,9 @@ def main(argv=None):
                     f"(with --gpu: of {','.join(GPU_SUITES)})")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all usable cores)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder (counterfact/, wikitext/)")
+    ap.add_argument("--data", default=None, help="a folder with the full data files (counterfact/counterfact_500.json, "
+                    "wikitext/wiki.test.raw, counterfact/easyedit-counterfact-{edit,train}.json for --gpu); default: "
+                    "the samples bundled with the package (for --gpu at full size, too few records)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a name or path load_pretrained accepts")
     a = ap.parse_args(argv)
     known = GPU_SUITES if a.gpu else SUITES
@@ -81,13 +83,10 @@ def main(argv=None):
     device = pick_device(a.device)
     threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
-    data = Path(a.data)
-    cf, wiki = data / "counterfact" / "counterfact_500.json", data / "wikitext" / "wiki.test.raw"
-    for p in (cf, wiki):
-        if not p.is_file(): ap.error(f"{p} not found: point --data at the shared data folder")
-    out_dir = Path(a.out)
     size = ("gpu-smoke" if a.smoke else "gpu") if a.gpu else "smoke" if a.smoke else "quick" if a.quick else "full"
     cfg = SIZES[size]
+    cf, wiki, edit_files = data_files(a.data, cfg.get("records", 0) if a.gpu else 0, ap.error)
+    out_dir = Path(a.out)
     out_path = out_dir / f"{size}-{device.type}.json"
     log = lambda *x: print(*x, flush=True)
 
@@ -125,7 +124,7 @@ def main(argv=None):
         return r
 
     if a.gpu:
-        scale_suites(a, size, cfg, only, data, wiki, device, res, record, log)
+        scale_suites(a, size, cfg, only, edit_files, wiki, device, res, record, log)
         only = [s for s in only if s == "solvers"]
     if "values" in only:
         import bench_values
@@ -170,7 +169,27 @@ def main(argv=None):
     return res
 
 
-def scale_suites(a, size, cfg, only, data, wiki, device, res, record, log):
+def data_files(folder: str | None, n_records: int, error) -> tuple[Path, Path, list[Path]]:
+    """CounterFact (500 records), WikiText-2's test split and the EasyEdit files the --gpu suites sample from: from
+    `folder` (the full files), or the samples bundled with the package; `error` if they hold fewer than `n_records`."""
+    from unifiededit.datafiles import sample_path
+    if folder is None:
+        cf, wiki, edit = sample_path("counterfact-500"), sample_path("wikitext-2-test"), [sample_path("easyedit-counterfact-val")]
+        have = 1_919
+    else:
+        d = Path(folder)
+        cf, wiki = d / "counterfact" / "counterfact_500.json", d / "wikitext" / "wiki.test.raw"
+        edit = [d / "counterfact" / f"easyedit-counterfact-{s}.json" for s in ("edit", "train")]
+        have = 20_000
+        for p in (cf, wiki, *(edit if n_records else ())):
+            if not p.is_file(): error(f"--data {folder}: {p} not found")
+    if n_records > have:
+        error(f"the --gpu suites sample {n_records:,} records: the bundled samples hold {have:,}; pass --data DIR with "
+              "counterfact/easyedit-counterfact-edit.json and -train.json (EasyEdit's CounterFact files)")
+    return cf, wiki, edit
+
+
+def scale_suites(a, size, cfg, only, edit_files, wiki, device, res, record, log):
     "The --gpu suites (bench_scale): SmolLM2 values at scale, precision quality, a 7B-shaped model, a sweep."
     import bench_scale
     from unifiededit.data import load_dataset
@@ -178,9 +197,7 @@ def scale_suites(a, size, cfg, only, data, wiki, device, res, record, log):
     from unifiededit.corpus import file_corpus
     from unifiededit.stats import collect_key_stats
     from unifiededit.hparams import HParams
-    cf = data / "counterfact"
-    records = load_dataset([cf / "easyedit-counterfact-edit.json", cf / "easyedit-counterfact-train.json"]).sample(
-        cfg["records"], seed=0)
+    records = load_dataset(edit_files).sample(cfg["records"], seed=0)
     reqs = [r.request for r in records]
     log(f"{len(records):,} distinct-subject CounterFact records (EasyEdit files)")
     model, tok = load_pretrained(a.model, device=device)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_addoption(parser):
@@ -21,14 +20,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow or UNIFIEDEDIT_SLOW=1"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device on this machine"))
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Path to ../shared/data; tests that need it skip (with the reason) on machines where it does not exist."""
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present on this machine")
-    return SHARED_DATA
 
 
 @pytest.fixture

@@ -34,10 +34,10 @@ def speedups(obj, path=""):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, shared_data):
+def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--data", str(shared_data),
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke",
                         "--out", str(out)], env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads((out / "smoke-cpu.json").read_text()), r.stdout
@@ -76,12 +76,12 @@ def test_smoke_fast_paths_give_the_reference_results(smoke):
 
 
 @pytest.fixture(scope="module")
-def gpu_smoke(tmp_path_factory, shared_data):
+def gpu_smoke(tmp_path_factory):
     "`run.py --gpu --smoke`: the scale suites (issue 12) at tiny sizes, on whatever device this machine has."
     out = tmp_path_factory.mktemp("bench-gpu")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--gpu", "--smoke", "--data",
-                        str(shared_data), "--out", str(out)], env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--gpu", "--smoke",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (path,) = out.glob("gpu-smoke-*.json")
     return json.loads(path.read_text()), r.stdout

@@ -1,4 +1,6 @@
-"""Tests of unifiededit.data: loaders on the shared files, schema errors, sampling, atomic cached downloads."""
+"""Tests of unifiededit.datafiles and unifiededit.data: the bundled samples, loaders, schema errors, sampling, atomic
+checksummed downloads."""
+import hashlib
 import http.server
 import json
 import random
@@ -10,29 +12,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unifiededit.data import (AttributeSnippets, EditDataset, EditRecord, TfidfStats, detect_format, fetch,
+import unifiededit.datafiles as DF
+from unifiededit.data import (AttributeSnippets, EditDataset, EditRecord, TfidfStats, detect_format,
                               load_attribute_snippets, load_counterfact, load_dataset, load_easyedit_counterfact,
-                              load_tfidf_stats, load_zsre, parse_counterfact, parse_easyedit, parse_zsre, resolve_path)
+                              load_tfidf_stats, load_zsre, parse_counterfact, parse_easyedit, parse_zsre)
+from unifiededit.datafiles import CorruptFile, SAMPLES, data_path, fetch, resolve_path, sample_path
 
 
 @pytest.fixture(scope="module")
-def cf_raw(shared_data):
-    return json.loads((shared_data / "counterfact/counterfact_500.json").read_text())
+def cf_raw():
+    return json.loads((sample_path("counterfact-500")).read_text())
 
 
 @pytest.fixture(scope="module")
-def zsre_raw(shared_data):
-    return json.loads((shared_data / "zsre/zsre_mend_train-1k.json").read_text())
+def zsre_raw():
+    return json.loads((sample_path("zsre-1k")).read_text())
 
 
 @pytest.fixture(scope="module")
-def ee_raw(shared_data):
-    return json.loads((shared_data / "counterfact/easyedit-counterfact-val.json").read_text())
+def ee_raw():
+    return json.loads((sample_path("easyedit-counterfact-val")).read_text())
 
 
-# ---------------------------------------------------------------- loaders on the shared files
-def test_counterfact_500(shared_data, cf_raw):
-    ds = load_counterfact(shared_data / "counterfact/counterfact_500.json")
+# ---------------------------------------------------------------- loaders on the bundled samples
+def test_counterfact_500(cf_raw):
+    ds = load_counterfact(sample_path("counterfact-500"))
     assert len(ds) == 500
     for rec, raw in zip(ds, cf_raw):
         rr = raw["requested_rewrite"]
@@ -49,36 +53,39 @@ def test_counterfact_500(shared_data, cf_raw):
     assert {len(r.paraphrase_prompts) for r in ds} == {2} and {len(r.neighborhood_prompts) for r in ds} == {10}
 
 
-def test_counterfact_folder_path(shared_data, tmp_path):
-    (tmp_path / "counterfact.json").write_text((shared_data / "counterfact/counterfact_500.json").read_text())
+def test_counterfact_folder_path(tmp_path):
+    (tmp_path / "counterfact.json").write_text((sample_path("counterfact-500")).read_text())
     assert len(load_counterfact(tmp_path, size=7)) == 7
     (tmp_path / "multi_counterfact.json").write_text(json.dumps(json.loads((tmp_path / "counterfact.json").read_text())[:3]))
     assert len(load_counterfact(tmp_path, multi=True)) == 3
 
 
-def test_easyedit_all_cases(shared_data):
-    ds = load_easyedit_counterfact([shared_data / f"counterfact/easyedit-counterfact-{s}.json" for s in ("train", "val", "edit")])
-    assert len(ds) == 21919
-    assert sorted(r.case_id for r in ds) == list(range(21919))
-    r = ds.by_case_id(0)
-    assert r.request == {"case_id": 0, "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
-                         "target_new": {"str": "English"}, "target_true": {"str": "French"}}
-    assert r.paraphrase_prompts == ("Where Danielle Darrieux is from, people speak the language of",)
-    assert r.neighborhood_prompts == ("Michel Rocard is a native speaker of",) and r.neighborhood_answers == ("French",)
-    assert all(r.source == "easyedit" for r in ds[:10])
+def test_easyedit_sample(ee_raw):
+    ds = load_easyedit_counterfact("sample:easyedit-counterfact-val")
+    assert len(ds) == len(ee_raw) == 1919 and len({r.case_id for r in ds}) == 1919
+    for rec, raw in zip(ds, ee_raw):
+        assert rec.request == {"case_id": raw["case_id"], "prompt": raw["prompt"].replace(raw["subject"], "{}", 1),
+                               "subject": raw["subject"], "target_new": {"str": raw["target_new"]},
+                               "target_true": {"str": raw["ground_truth"]}}
+        assert rec.rewrite_prompt == raw["prompt"] and rec.paraphrase_prompts == (raw["rephrase_prompt"],)
+        assert rec.neighborhood_prompts == (raw["locality_prompt"],)
+        assert rec.neighborhood_answers == (raw["locality_ground_truth"],) and rec.source == "easyedit"
 
 
-def test_easyedit_matches_counterfact(shared_data):
-    cf = load_counterfact(shared_data / "counterfact/counterfact_500.json")
-    ee = load_easyedit_counterfact([shared_data / f"counterfact/easyedit-counterfact-{s}.json" for s in ("train", "val", "edit")])
-    for r in cf:
+def test_easyedit_matches_counterfact():
+    """Where EasyEdit's validation split and counterfact_500.json share a case, the two formats describe it alike."""
+    cf = load_counterfact("sample:counterfact-500")
+    ee = load_easyedit_counterfact("sample:easyedit-counterfact-val")
+    both = [r for r in cf if r.case_id in {e.case_id for e in ee}]
+    assert len(both) == 45
+    for r in both:
         e = ee.by_case_id(r.case_id)
         assert (e.prompt, e.subject, e.target_new, e.target_true) == (r.prompt, r.subject, r.target_new, r.target_true)
         assert e.neighborhood_prompts[0] in r.neighborhood_prompts
 
 
-def test_zsre(shared_data, zsre_raw):
-    ds = load_zsre(shared_data / "zsre/zsre_mend_train-1k.json")
+def test_zsre(zsre_raw):
+    ds = load_zsre(sample_path("zsre-1k"))
     assert len(ds) == 1000
     for i, (rec, raw) in enumerate(zip(ds, zsre_raw)):
         assert rec.case_id == i and rec.source == "zsre"
@@ -87,7 +94,7 @@ def test_zsre(shared_data, zsre_raw):
         assert rec.neighborhood_prompts == (raw["loc"] + "?",) and rec.neighborhood_answers == (raw["loc_ans"],)
     assert ds[0].request == {"case_id": 0, "prompt": "What is the product made by {}?", "subject": "UniFirst",
                              "target_new": {"str": "uniform"}, "target_true": None}
-    alt = load_zsre(shared_data / "zsre/zsre_mend_train-1k.json", target="alt")
+    alt = load_zsre(sample_path("zsre-1k"), target="alt")
     assert (alt[0].target_new, alt[0].target_true) == (zsre_raw[0]["alt"], zsre_raw[0]["answers"][0])
     with pytest.raises(ValueError, match="'answers' or 'alt'"):
         parse_zsre(zsre_raw[:1], target="pred")
@@ -101,11 +108,11 @@ def test_detect_format(cf_raw, zsre_raw, ee_raw):
         detect_format({"a": 1})
 
 
-def test_load_dataset_auto(shared_data):
-    ds = load_dataset(shared_data / "zsre/zsre_mend_train-1k.json", size=5)
+def test_load_dataset_auto():
+    ds = load_dataset(sample_path("zsre-1k"), size=5)
     assert len(ds) == 5 and ds[4].source == "zsre"
     with pytest.raises(ValueError, match="case_id 10 appears twice \\(items 0 and 1919\\)"):
-        load_dataset([shared_data / "counterfact/easyedit-counterfact-val.json"] * 2)
+        load_dataset([sample_path("easyedit-counterfact-val")] * 2)
 
 
 # ---------------------------------------------------------------- schema errors name the field and the record
@@ -186,8 +193,8 @@ def test_edit_record_checks():
 
 
 # ---------------------------------------------------------------- seeded unique-subject sampling
-def test_sampling_deterministic_and_unique(shared_data):
-    ds = load_easyedit_counterfact(shared_data / "counterfact/easyedit-counterfact-val.json")
+def test_sampling_deterministic_and_unique():
+    ds = load_easyedit_counterfact(sample_path("easyedit-counterfact-val"))
     ids = lambda d: [r.case_id for r in d]
     random.seed(123); a = ds.sample(100, seed=7)
     random.seed(999); b = ds.sample(100, seed=7)          # the global RNG does not matter
@@ -198,8 +205,8 @@ def test_sampling_deterministic_and_unique(shared_data):
     assert ids(ds.sample(100, seed=7)) == ids(a)
 
 
-def test_sampling_subject_constraint(shared_data):
-    cf = load_counterfact(shared_data / "counterfact/counterfact_500.json")
+def test_sampling_subject_constraint():
+    cf = load_counterfact(sample_path("counterfact-500"))
     subjects = [r.subject for r in cf]
     assert len(set(subjects)) == 498                        # two subjects repeat in this file
     assert len({r.subject for r in cf.sample(498, seed=0)}) == 498
@@ -254,7 +261,9 @@ def test_fetch_downloads_once(tmp_path):
         assert p == tmp_path / "counterfact.json" and p.read_bytes() == body
         assert fetch("counterfact.json", tmp_path, base_url=srv.url) == p
         assert srv.hits == ["counterfact.json"]                 # the second call used the cache
-        assert [f.name for f in tmp_path.iterdir()] == ["counterfact.json"]   # no temporary file left
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["counterfact.json", "counterfact.json.sha256.json"]
+        rec = json.loads((tmp_path / "counterfact.json.sha256.json").read_text())   # no temporary file left
+        assert rec == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body), "url": f"{srv.url}/counterfact.json"}
     finally:
         srv.close()
 
@@ -282,8 +291,8 @@ def test_fetch_offline_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_loader_uses_cache(tmp_path, shared_data, monkeypatch):
-    (tmp_path / "zsre_mend_eval.json").write_text((shared_data / "zsre/zsre_mend_train-1k.json").read_text())
+def test_loader_uses_cache(tmp_path, monkeypatch):
+    (tmp_path / "zsre_mend_eval.json").write_text((sample_path("zsre-1k")).read_text())
     assert len(load_zsre(cache_dir=tmp_path)) == 1000         # no network needed once cached
     monkeypatch.setenv("UNIFIEDEDIT_DATA", str(tmp_path))
     assert len(load_zsre(size=3)) == 3
@@ -295,6 +304,87 @@ def test_resolve_path(tmp_path):
     assert resolve_path(tmp_path / "counterfact.json", "whatever.json") == tmp_path / "counterfact.json"
     with pytest.raises(FileNotFoundError, match="multi_counterfact.json"):
         resolve_path(tmp_path, "multi_counterfact.json")
+
+
+def test_fetch_refuses_a_damaged_or_wrong_file(tmp_path):
+    """A cached download that changed on disk is refused (not parsed); a download whose hash is not the one asked
+    for leaves nothing behind; the right hash is accepted, and a mismatch against a cached file is refused."""
+    body = json.dumps([{"x": 1}]).encode()
+    srv = _Server({"zsre_mend_eval.json": body})
+    try:
+        with pytest.raises(CorruptFile, match="expected 00"):
+            fetch("zsre_mend_eval.json", tmp_path, base_url=srv.url, sha256="00" * 32)
+        assert list(tmp_path.iterdir()) == []
+        good = hashlib.sha256(body).hexdigest()
+        p = fetch("zsre_mend_eval.json", tmp_path, base_url=srv.url, sha256=good)
+        assert p.read_bytes() == body
+        with pytest.raises(CorruptFile, match="but sha256='11"):
+            fetch("zsre_mend_eval.json", tmp_path, base_url=srv.url, sha256="11" * 32)
+        p.write_bytes(body[:-1] + b" ")                          # same size, one byte changed
+        with pytest.raises(CorruptFile, match="damaged or replaced"):
+            load_zsre(cache_dir=tmp_path)
+        assert srv.hits == ["zsre_mend_eval.json"] * 2           # refused, never silently downloaded again
+    finally:
+        srv.close()
+
+
+def test_fetch_takes_a_file_placed_by_hand(tmp_path):
+    "The offline error asks the user to put the file in the cache: it is taken, and its hash recorded then."
+    (tmp_path / "counterfact.json").write_bytes(sample_path("counterfact-500").read_bytes())
+    assert len(load_counterfact(cache_dir=tmp_path)) == 500
+    rec = json.loads((tmp_path / "counterfact.json.sha256.json").read_text())
+    assert rec["sha256"] == SAMPLES["counterfact-500"].sha256 and rec["url"] is None
+    (tmp_path / "counterfact.json").write_text("[]")
+    with pytest.raises(CorruptFile):
+        load_counterfact(cache_dir=tmp_path)
+    for bad in ("", "../counterfact.json", "a/b.json", None):
+        with pytest.raises(ValueError, match="plain file name"):
+            fetch(bad, tmp_path)
+
+
+# ---------------------------------------------------------------- the bundled samples
+def test_every_sample_is_bundled_intact_and_documented():
+    """Each sample's bytes match the size and SHA-256 in the code; SOURCES.md lists each file with that SHA-256 and
+    a licence; the samples folder holds nothing else (so nothing undocumented ships)."""
+    folder = DF.samples_dir()
+    sources = (folder / "SOURCES.md").read_text(encoding="utf-8")
+    for name, s in SAMPLES.items():
+        p = sample_path(name)
+        assert p.parent == folder and p.name == s.file
+        assert p.stat().st_size == s.size and hashlib.sha256(p.read_bytes()).hexdigest() == s.sha256
+        row = next(l for l in sources.splitlines() if l.startswith(f"| `{name}` |"))
+        assert f"`{s.file}`" in row and f"`{s.sha256}`" in row and ("MIT" in row or "CC BY-SA" in row), row
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == sorted(
+        [s.file for s in SAMPLES.values()] + ["SOURCES.md"])
+
+
+def test_sample_references(cf_raw):
+    assert data_path("sample:counterfact-500") == sample_path("counterfact-500")
+    assert data_path("counterfact-500") == Path("counterfact-500")            # without the prefix: a path
+    assert [r.case_id for r in load_counterfact("sample:counterfact-500")] == [r["case_id"] for r in cf_raw]
+    assert load_dataset(["sample:zsre-1k"]).name == "sample:zsre-1k"
+    assert resolve_path("sample:zsre-1k", "zsre_mend_eval.json") == sample_path("zsre-1k")
+    for bad in ("sample:", "sample:cf", "sample:COUNTERFACT-500"):
+        with pytest.raises(ValueError, match="is not a bundled sample: use one of"):
+            load_dataset(bad)
+    with pytest.raises(FileNotFoundError, match="no data file at nowhere.json .*sample:counterfact-500"):
+        load_dataset("nowhere.json")
+
+
+def test_a_damaged_sample_is_refused(tmp_path, monkeypatch):
+    import shutil
+    copy = tmp_path / "samples"; shutil.copytree(DF.samples_dir(), copy)
+    monkeypatch.setattr(DF, "samples_dir", lambda: copy)
+    assert sample_path("zsre-1k") == copy / "zsre_mend_train-1k.json"
+    with open(copy / "zsre_mend_train-1k.json", "r+b") as f: f.seek(1000); f.write(b"#")
+    with pytest.raises(CorruptFile, match="the bundled sample 'zsre-1k' .* has SHA-256"):
+        load_zsre("sample:zsre-1k")
+    (copy / "wiki.test.raw").write_text("short")
+    with pytest.raises(CorruptFile, match="has 5 bytes, expected 1,290,547"):
+        sample_path("wikitext-2-test")
+    (copy / "counterfact_500.json").unlink()
+    with pytest.raises(FileNotFoundError, match="reinstall unifiededit"):
+        sample_path("counterfact-500")
 
 
 # ---------------------------------------------------------------- attribute snippets, tf-idf statistics

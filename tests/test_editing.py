@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import unifiededit as ue
+from unifiededit.datafiles import sample_path
 from unifiededit.keys import ContextTemplates, compute_keys
 from unifiededit.models import ModelAdapter
 from unifiededit.tiny import TINY_FAMILIES, _TINY_TEXT, tiny_model, tiny_tokenizer
@@ -250,7 +251,7 @@ def test_nan_update_in_a_later_layer_rolls_back_the_earlier_ones(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
-def test_real_model_edit_generalizes_and_keeps_unrelated_facts(name, shared_data):
+def test_real_model_edit_generalizes_and_keeps_unrelated_facts(name):
     """A real pretrained model: EMMET writes the Eiffel Tower into Rome; the edited prompt and a paraphrase say Rome,
     unrelated facts keep their answers, and revert restores the weights bit for bit."""
     from unifiededit.pretrained import greedy_generate, load_pretrained
@@ -265,7 +266,7 @@ def test_real_model_edit_generalizes_and_keeps_unrelated_facts(name, shared_data
     before = greedy_generate(model, tok, edited + unrelated, 4)
     snapshot = weights(model)
     hp = ue.HParams.for_model(model, "emmet")
-    st = collect_key_stats(model, tok, hp.layers, shared_data / "wikitext" / "wiki.test.raw", n_tokens="min",
+    st = collect_key_stats(model, tok, hp.layers, sample_path("wikitext-2-test"), n_tokens="min",
                            progress=False)
     e = ue.edit(model, tok, [req], hparams=hp, stats=st, progress=False)
     after = greedy_generate(model, tok, edited + unrelated, 4)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import unifiededit.metrics as M
+from unifiededit.datafiles import sample_path
 from unifiededit.data import EditDataset, EditRecord, TfidfStats, load_counterfact, load_easyedit_counterfact, load_zsre
 from unifiededit.metrics import EditEvaluation, evaluate
 from unifiededit.generation import (generation_entropy, ngram_entropy, sample_generations, tfidf_similarity,
@@ -35,8 +36,8 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def cf8(shared_data):
-    return load_counterfact(shared_data / "counterfact/counterfact_500.json").sample(8, seed=0)
+def cf8():
+    return load_counterfact(sample_path("counterfact-500")).sample(8, seed=0)
 
 
 # ---------------------------------------------------------------- the independent reference computation
@@ -216,9 +217,9 @@ def test_summary_overall_score_and_ci(monkeypatch):
     assert math.isnan(t.loc["overall_score", "ci"]) and t.loc["efficacy_score", "n"] == 4
 
 
-def test_zsre_metrics_match_independent_argmax(lm, shared_data):
+def test_zsre_metrics_match_independent_argmax(lm):
     model, tok = lm
-    zs = load_zsre(shared_data / "zsre/zsre_mend_train-1k.json").sample(4, seed=1)
+    zs = load_zsre(sample_path("zsre-1k")).sample(4, seed=1)
     run = evaluate(model, tok, zs, batch_size=5)
     for rec, r in zip(zs, run.records):
         for metric, pairs in (("zsre_efficacy", [(rec.rewrite_prompt, rec.target_new)]),
@@ -236,10 +237,10 @@ def test_zsre_metrics_match_independent_argmax(lm, shared_data):
     assert run.summary()["zsre_efficacy"]["n"] == 4
 
 
-def test_easyedit_locality_against_reference(shared_data):
+def test_easyedit_locality_against_reference():
     tok = tiny_tokenizer("sentencepiece")
     m0, m1 = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    ee = load_easyedit_counterfact(shared_data / "counterfact/easyedit-counterfact-val.json").sample(4, seed=0)
+    ee = load_easyedit_counterfact(sample_path("easyedit-counterfact-val")).sample(4, seed=0)
     pre = evaluate(m0, tok, ee)
     assert all(r["metrics"].get("easyedit_locality") is None for r in pre.records)
     assert "pre-edit" in pre.records[0]["unavailable"]["easyedit_locality"]
@@ -359,9 +360,9 @@ def test_eval_results_json_roundtrip(gpt2, cf8, tmp_path):
         evaluate(model, tok, cf8[:1], suites=["rome"])
 
 
-def test_suites_per_record_source(gpt2, shared_data):
+def test_suites_per_record_source(gpt2):
     model, tok = gpt2
-    zs = load_zsre(shared_data / "zsre/zsre_mend_train-1k.json")[:2]
+    zs = load_zsre(sample_path("zsre-1k"))[:2]
     run = evaluate(model, tok, zs, suites=["counterfact", "zsre"])
     r = run.records[0]
     assert r["metrics"]["efficacy_score"] is None and "no true object" in r["unavailable"]["efficacy_score"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unifiededit.datafiles import sample_path
 from unifiededit.models import ModelAdapter
 from unifiededit.tiny import tiny_model, tiny_tokenizer, TINY_FAMILIES
 from unifiededit.corpus import (Corpus, as_corpus, default_corpus, file_corpus, model_sampled_corpus, special_prefix,
@@ -289,9 +290,9 @@ def test_default_corpus_order(tmp_path, capsys):
     assert ks[1].n == 100 and "sampled" in ks.meta["corpus"]
 
 
-def test_wikitext_file(shared_data):
+def test_wikitext_file():
     model, tok, ad = setup("llama")
-    ks = collect_key_stats(model, tok, 2, shared_data / "wikitext" / "wiki.test.raw", n_tokens=2000, max_length=128,
+    ks = collect_key_stats(model, tok, 2, sample_path("wikitext-2-test"), n_tokens=2000, max_length=128,
                            progress=False)
     assert ks[2].n == 2000 and "wiki.test.raw" in ks.meta["corpus"]
     C0 = ks.mom2(2)
@@ -310,14 +311,14 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.slow
-def test_smollm2_wikitext_min(shared_data, tmp_path):
+def test_smollm2_wikitext_min(tmp_path):
     from unifiededit.pretrained import load_pretrained
     model, tok = load_pretrained("smollm2-135m-instruct")
-    ks = collect_key_stats(model, tok, 5, shared_data / "wikitext" / "wiki.test.raw", n_tokens="min",
+    ks = collect_key_stats(model, tok, 5, sample_path("wikitext-2-test"), n_tokens="min",
                            cache=tmp_path, progress=False)
     assert ks[5].n == 10 * 1536
     assert 1 < ks[5].meta["cond"] < 1e6
-    assert collect_key_stats(model, tok, 5, shared_data / "wikitext" / "wiki.test.raw", n_tokens="min",
+    assert collect_key_stats(model, tok, 5, sample_path("wikitext-2-test"), n_tokens="min",
                              cache=tmp_path, progress=False).meta["cached"] == [5]
 
 

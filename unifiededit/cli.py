@@ -181,7 +181,8 @@ def run_lifelong_command(args, out=print) -> dict:
 
 # %% ../nbs/28_cli.ipynb #fc2f9c40
 _CORPUS_HELP = ("UTF-8 text file for the key statistics C0, one document per line, e.g. WikiText-2's wiki.test.raw "
-                "(from the `wikitext-2-raw-v1` archive of the WikiText dataset, Merity et al. 2016). Without it: "
+                "(from the `wikitext-2-raw-v1` archive of the WikiText dataset, Merity et al. 2016; bundled with the "
+                "package as sample:wikitext-2-test). Without it: "
                 "WikiText through `datasets` when the Hugging Face hub answers, else text sampled from the model")
 _NTOK_HELP = ("tokens of the corpus for C0: an integer, 'min' (10 x the key size) or 'auto' ('min' for text sampled from "
               "the model, 100,000 tokens of a real corpus)")
@@ -255,7 +256,8 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
                    "cached; an interrupted sweep continues when the same command is run again.",
                    "example: unifiededit sweep --data counterfact.json --out results/sweep --corpus wiki.test.raw "
                    "--batch-sizes 1,16,64 --layer-modes single --plot sweep.png")
-    s.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected)")
+    s.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
+                   "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
     s.add_argument("--out", required=True, help="results folder (resumed if it exists)")
     s.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     s.add_argument("--n-records", type=int, default=64, help="records to sample (distinct subjects)")
@@ -292,7 +294,8 @@ def _lifelong_parser(sub) -> argparse.ArgumentParser:
                     "first batch's retention, the weight norms and the perplexity of --ppl-text. Resumable.",
                     "example: unifiededit lifelong --data easyedit-counterfact-edit.json --out results/lifelong "
                     "--corpus wiki.test.raw --ppl-text wikitext-2-tokens-valid.txt --methods memit,encore,alphaedit")
-    lf.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected)")
+    lf.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
+                   "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
     lf.add_argument("--out", required=True, help="results folder: one sub-folder per method (resumed if it exists)")
     lf.add_argument("--corpus", required=True, help=_CORPUS_HELP.split(". Without")[0])
     lf.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")

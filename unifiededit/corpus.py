@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .models import cache_kwarg, eval_mode, execution_device, max_positions, output_cache
 from .pretrained import hub_reachable
+from .datafiles import data_path, is_sample_ref
 from .store import digest, model_fingerprint, tokenizer_fingerprint
 
 # %% auto #0
@@ -61,10 +62,11 @@ def text_corpus(texts: Iterable[str], name: str | None = None) -> Corpus:
 
 
 def file_corpus(*paths: str | os.PathLike) -> Corpus:
-    "A corpus streamed from UTF-8 text files, one document per line (lines keep their newline; no EOS between)."
+    """A corpus streamed from UTF-8 text files (paths, or bundled samples as `"sample:NAME"`), one document per line
+    (lines keep their newline; no EOS between)."""
     if len(paths) == 1 and isinstance(paths[0], (list, tuple)): paths = tuple(paths[0])
     if not paths: raise ValueError("file_corpus needs at least one path")
-    paths = tuple(Path(p) for p in paths)
+    paths = tuple(data_path(p) for p in paths)
     for p in paths:
         if not p.is_file(): raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file")
     h = hashlib.sha256()
@@ -105,7 +107,7 @@ def as_corpus(source) -> Corpus:
     if isinstance(source, Corpus): return source
     if isinstance(source, os.PathLike): return file_corpus(source)
     if isinstance(source, str):
-        if Path(source).is_file(): return file_corpus(source)
+        if is_sample_ref(source) or Path(source).is_file(): return file_corpus(source)
         looks_like_path = (source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
                            or Path(source).suffix in (".txt", ".raw", ".text", ".md", ".json", ".jsonl"))
         if looks_like_path: raise FileNotFoundError(f"corpus file {source!r} does not exist")
@@ -313,7 +315,7 @@ def default_corpus(model, tok, path: str | os.PathLike | None = None, n_tokens: 
     skipped = []
     corpus = None
     if path is not None:
-        if Path(path).is_file(): corpus = file_corpus(path)
+        if is_sample_ref(path) or Path(path).is_file(): corpus = file_corpus(path)
         else: skipped.append(f"path {str(path)!r} does not exist")
     else: skipped.append("no local path given")
     if corpus is None:

@@ -8,70 +8,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .store import atomic_write, cache_root, clean_stale_temps
+from .datafiles import (DATA_ROOT_URL, REMOTE_FILES, SAMPLES, data_path, default_cache_dir, fetch,
+                                   is_sample_ref, resolve_path, sample_path)
 
 # %% auto #0
-__all__ = ['DATA_ROOT_URL', 'REMOTE_FILES', 'FORMATS', 'default_cache_dir', 'fetch', 'resolve_path', 'EditRecord',
-           'parse_counterfact', 'parse_easyedit', 'parse_zsre', 'EditDataset', 'detect_format', 'load_dataset',
-           'load_counterfact', 'load_easyedit_counterfact', 'load_zsre', 'AttributeSnippets', 'load_attribute_snippets',
-           'TfidfStats', 'load_tfidf_stats']
-
-# %% ../nbs/18_data.ipynb #3d0395c9
-DATA_ROOT_URL = "https://rome.baulab.info/data/dsets"
-REMOTE_FILES = ("counterfact.json", "multi_counterfact.json", "zsre_mend_eval.json",
-                "attribute_snippets.json", "idf.npy", "tfidf_vocab.json")
-
-
-def default_cache_dir() -> Path:
-    "Folder for downloaded data: `$UNIFIEDEDIT_DATA` if set, else `cache_root() / 'data'` (chapter 5)."
-    env = os.environ.get("UNIFIEDEDIT_DATA")
-    return Path(env).expanduser() if env else cache_root() / "data"
-
-# %% ../nbs/18_data.ipynb #8c67ee0f
-def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: str = DATA_ROOT_URL,
-          timeout: float = 60.0) -> Path:
-    """Path to `name` in `cache_dir`, downloading `{base_url}/{name}` first if it is not there.
-
-    >>> fetch('counterfact.json')   # doctest: +SKIP
-    PosixPath('/home/me/.cache/unifiededit/data/counterfact.json')
-    """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dest = cache / name
-    if dest.is_file(): return dest
-    url = f"{base_url.rstrip('/')}/{name}"
-    clean_stale_temps(cache)                                    # partial downloads of killed runs
-
-    def download(tmp: Path):
-        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-            expected = resp.headers.get("Content-Length")
-            n = 0
-            while block := resp.read(1 << 20):
-                f.write(block); n += len(block)
-        if expected is not None and n != int(expected):
-            raise ConnectionError(f"download of {url} stopped after {n} of {expected} bytes")
-    try:
-        return atomic_write(dest, download)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise ConnectionError(
-            f"could not download {url} ({e}). If this machine is offline, download that file elsewhere and pass "
-            f"its local path instead (e.g. path='.../{name}'), or put it at {dest}.") from e
-
-# %% ../nbs/18_data.ipynb #0b923857
-def resolve_path(path: str | os.PathLike | None, name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    "`path` itself if a file, `path/name` if a folder, or the cached download of `name` when `path` is None."
-    if path is None: return fetch(name, cache_dir)
-    p = Path(path).expanduser()
-    if p.is_dir(): p = p / name
-    if not p.is_file(): raise FileNotFoundError(f"no data file at {p} (expected {name!r} or a path to it)")
-    return p
+__all__ = ['FORMATS', 'EditRecord', 'parse_counterfact', 'parse_easyedit', 'parse_zsre', 'EditDataset', 'detect_format',
+           'load_dataset', 'load_counterfact', 'load_easyedit_counterfact', 'load_zsre', 'AttributeSnippets',
+           'load_attribute_snippets', 'TfidfStats', 'load_tfidf_stats']
 
 # %% ../nbs/18_data.ipynb #84ab7fb9
 @dataclass(frozen=True)
@@ -298,25 +247,29 @@ def detect_format(raw: list) -> str:
 
 # %% ../nbs/18_data.ipynb #03026f9e
 def _read_json(p: Path):
-    try: return json.loads(Path(p).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON: {e}") from e
+    if not p.is_file():
+        raise FileNotFoundError(f"no data file at {p} (bundled samples: {', '.join('sample:' + n for n in SAMPLES)})")
+    try: return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is not valid JSON: {e}") from e
 
 
 def load_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], fmt: str = "auto",
                  size: int | None = None, name: str | None = None, **parse_kw) -> EditDataset:
-    """Records from one or several local JSON files (concatenated, in order); `fmt` is detected unless given.
-    `size` keeps the first `size` records, like ROME's `dataset_size_limit`."""
+    """Records from one or several local JSON files or bundled samples (`"sample:NAME"`), concatenated in order;
+    `fmt` is detected unless given. `size` keeps the first `size` records, like ROME's `dataset_size_limit`."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths: raise ValueError("no path given")
+    if fmt != "auto" and fmt not in FORMATS: raise ValueError(f"unknown format {fmt!r}: use one of {sorted(FORMATS)} or 'auto'")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"size must be a non-negative int or None, got {size!r}")
     records = []
     for p in paths:
-        raw = _read_json(Path(p))
-        f = detect_format(raw) if fmt == "auto" else fmt
-        if f not in FORMATS: raise ValueError(f"unknown format {f!r}: use one of {sorted(FORMATS)} or 'auto'")
-        try: records += FORMATS[f](raw, **parse_kw)
+        try:
+            raw = _read_json(data_path(p))
+            records += FORMATS[detect_format(raw) if fmt == "auto" else fmt](raw, **parse_kw)
         except ValueError as e: raise ValueError(f"{p}: {e}") from None
     if size is not None: records = records[:size]
-    return EditDataset(records, name or ", ".join(Path(p).name for p in paths))
+    return EditDataset(records, name or ", ".join(str(p) if is_sample_ref(p) else Path(p).name for p in paths))
 
 # %% ../nbs/18_data.ipynb #d1ab147a
 def load_counterfact(path: str | os.PathLike | None = None, *, multi: bool = False, size: int | None = None,

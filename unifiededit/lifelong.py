@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .datafiles import data_path
 from .editing import edit
 from .generation import generation_entropy, ngram_entropy, sample_generations, word_tokenize
 from .history import EditHistory
@@ -161,8 +162,9 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
 
 # %% ../nbs/25_lifelong.ipynb #061ac7b6
 def text_head(path: str | os.PathLike, tok, n_tokens: int | None) -> list[str]:
-    "The first lines of the UTF-8 text file `path` that hold at least `n_tokens` tokens (None: every line)."
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    """The first lines of the UTF-8 text file `path` (or a bundled sample, `sample:NAME`) that hold at least `n_tokens`
+    tokens (None: every line)."""
+    lines = data_path(path).read_text(encoding="utf-8").split("\n")
     if not n_tokens: return lines
     keep, n = [], 0
     for line in lines:
