@@ -94,8 +94,10 @@ def test_zsre(zsre_raw):
         assert rec.neighborhood_prompts == (raw["loc"] + "?",) and rec.neighborhood_answers == (raw["loc_ans"],)
     assert ds[0].request == {"case_id": 0, "prompt": "What is the product made by {}?", "subject": "UniFirst",
                              "target_new": {"str": "uniform"}, "target_true": None}
-    alt = load_zsre(sample_path("zsre-1k"), target="alt")
+    with pytest.warns(UserWarning, match=r"2 record\(s\) have an empty alt and are left out \(positions \[534, "):
+        alt = load_zsre(sample_path("zsre-1k"), target="alt")
     assert (alt[0].target_new, alt[0].target_true) == (zsre_raw[0]["alt"], zsre_raw[0]["answers"][0])
+    assert len(alt) == 998 and 534 not in {r.case_id for r in alt}       # nothing to edit towards
     with pytest.raises(ValueError, match="'answers' or 'alt'"):
         parse_zsre(zsre_raw[:1], target="pred")
 

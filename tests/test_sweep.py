@@ -348,6 +348,9 @@ def test_aggregation_excludes_nonfinite_values_with_a_report(setup, tmp_path):
 
 def test_cli_sweep_parser_and_errors(tmp_path):
     from unifiededit.cli import build_parser, main
-    a = build_parser().parse_args(["sweep", "--data", "cf.json", "--out", "o", "--batch-sizes", "1,4,16"])
+    a = build_parser().parse_args(["sweep", "--data", "sample:counterfact-500", "--out", "o", "--batch-sizes", "1,4,16"])
     assert (a.n_records, a.methods, a.layer_modes, a.sequential) == (64, "emmet,memit", "single,multi", False)
-    assert main(["sweep", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert a.batch_sizes == [1, 4, 16]
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -82,14 +83,15 @@ def run_edit(args, out=print) -> dict:
     from unifiededit.editing import edit
     from unifiededit.hparams import HParams
     from unifiededit.pretrained import greedy_generate, load_pretrained
-    m, tok = load_pretrained(args.model, cache_dir=_cache(args.cache_dir, "models"))
+    from unifiededit.requests import EditRequest
+    request = EditRequest(args.prompt, args.subject, args.target)          # checked before anything is loaded
     overrides = {"seed": args.seed}
     if args.layers: overrides["layers"] = _int_list(args.layers, "--layers")
     if args.n_tokens is not None: overrides["mom2_n_tokens"] = args.n_tokens
-    hp = (HParams.from_file(args.hparams, method=args.method).replace(**overrides) if args.hparams
-          else HParams.for_model(m, args.method, **overrides))
-    request = {"prompt": args.prompt, "subject": args.subject, "target_new": {"str": args.target}}
-    prompts = [args.prompt.format(args.subject)] + list(args.generate or [])
+    from_file = HParams.from_file(args.hparams, method=args.method).replace(**overrides) if args.hparams else None
+    m, tok = load_pretrained(args.model, cache_dir=_cache(args.cache_dir, "models"))
+    hp = from_file or HParams.for_model(m, args.method, **overrides)
+    prompts = [request.text] + list(args.generate or [])
     before = greedy_generate(m, tok, prompts, args.max_new_tokens)
     e = edit(m, tok, [request], hparams=hp, corpus=args.corpus, cache_dir=_cache(args.cache_dir, "stats"),
              progress=True)
@@ -99,10 +101,6 @@ def run_edit(args, out=print) -> dict:
         out(f"saved the edit to {e.save(args.save)} (apply it with ue.Edit.load(path).apply(model) to the unedited model)")
     return {"before": before, "after": after, "edit": e}
 
-
-def _int_list(s: str, option: str) -> list[int]:
-    try: return [int(x) for x in str(s).split(",") if x.strip()]
-    except ValueError: raise ValueError(f"{option} takes comma-separated integers, got {s!r}") from None
 
 # %% ../nbs/28_cli.ipynb #568646c7
 def run_sweep_command(args, out=print):
@@ -195,6 +193,68 @@ def _n_tokens(s: str):
     if n < 1: raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {n}")
     return n
 
+
+def _int_at_least(low: int):
+    "An argparse type: an integer >= `low`."
+    def parse(s: str) -> int:
+        try: n = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if n < low: raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {n}")
+        return n
+    return parse
+
+
+def _real_at_least(low: float, strict: bool = False):
+    "An argparse type: a finite number >= `low` (> `low` when `strict`)."
+    def parse(s: str) -> float:
+        try: x = float(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(x) or x < low or (strict and x == low):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {s}")
+        return x
+    return parse
+
+
+def _int_list(s, option: str = "", low: int = 0) -> list[int]:
+    "Comma-separated integers >= `low` (a list passes through, checked)."
+    try: xs = [int(x) for x in (s if isinstance(s, list) else str(s).split(",")) if str(x).strip()]
+    except ValueError: raise argparse.ArgumentTypeError(f"{option} expected comma-separated integers, got {s!r}") from None
+    if not xs or min(xs) < low: raise argparse.ArgumentTypeError(f"{option} expected integers >= {low}, got {s!r}")
+    return xs
+
+
+def _ints(low: int = 0): return lambda s: _int_list(s, low=low)
+
+
+def _names_in(allowed, variants: dict | None = None):
+    "An argparse type: comma-separated names from `allowed` (with `name:variant` where `variants[name]` lists them)."
+    def parse(s: str) -> str:
+        names = [x.strip() for x in s.split(",") if x.strip()]
+        if not names: raise argparse.ArgumentTypeError(f"expected comma-separated names, got {s!r}")
+        for n in names:
+            base, _, var = n.partition(":")
+            if base not in allowed: raise argparse.ArgumentTypeError(f"unknown name {base!r}: choose from {', '.join(allowed)}")
+            if var and var not in (variants or {}).get(base, ()):
+                raise argparse.ArgumentTypeError(f"{n!r}: {base} takes no variant {var!r}"
+                                                 + (f" (choose from {', '.join(variants[base])})" if base in (variants or {}) else ""))
+        return s
+    return parse
+
+
+def _input_file(s: str) -> str:
+    "An argparse type: an existing file, or a bundled sample (`sample:NAME`, chapter 5b)."
+    from unifiededit.datafiles import data_path
+    try: p = data_path(s)
+    except (ValueError, OSError) as e: raise argparse.ArgumentTypeError(str(e)) from None
+    if not p.is_file(): raise argparse.ArgumentTypeError(f"no file at {s!r}")
+    return s
+
+
+def _lambda_b1(s: str) -> str:
+    "`--emmet-lambda-b1`: 'same' or a number >= 0."
+    if str(s).lower() != "same": _real_at_least(0)(s)
+    return s
+
 # %% ../nbs/28_cli.ipynb #7ea38239
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Shows an option's default, except where it has none (None, False) or its help already says it."
@@ -214,7 +274,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
                    "continuations before and after (the edited prompt, paraphrases, unrelated facts), then revert.")
     d.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     d.add_argument("--method", default="emmet", choices=METHODS, help="editing method")
-    d.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    d.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
     d.add_argument("--n-tokens", type=_n_tokens, default=8_192, help=_NTOK_HELP)
     d.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     d.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
@@ -234,15 +294,15 @@ def _edit_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True, help="prompt with {} where the subject goes")
     e.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
     e.add_argument("--target", required=True, help="the new object, e.g. Rome")
-    e.add_argument("--hparams", default=None, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file "
+    e.add_argument("--hparams", default=None, type=_input_file, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file "
                    "(default: per-model defaults, HParams.for_model)")
-    e.add_argument("--layers", default=None, help="comma-separated layers to edit (overrides the hyper-parameters)")
-    e.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    e.add_argument("--layers", default=None, type=_ints(0), help="comma-separated layers to edit (overrides the hyper-parameters)")
+    e.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
     e.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: the hyper-parameters', 'auto')")
     e.add_argument("--cache-dir", default=None, help="cache root for converted models and key statistics "
                    "(default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit); statistics are reused by later edits")
     e.add_argument("--generate", nargs="*", default=[], help="extra prompts to continue before and after")
-    e.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated per prompt")
+    e.add_argument("--max-new-tokens", type=_int_at_least(1), default=8, help="greedy tokens generated per prompt")
     e.add_argument("--save", default=None, help="write the edit to this .safetensors file")
     e.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
     return e
@@ -256,27 +316,27 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
                    "cached; an interrupted sweep continues when the same command is run again.",
                    "example: unifiededit sweep --data counterfact.json --out results/sweep --corpus wiki.test.raw "
                    "--batch-sizes 1,16,64 --layer-modes single --plot sweep.png")
-    s.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
+    s.add_argument("--data", required=True, type=_input_file, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
                    "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
     s.add_argument("--out", required=True, help="results folder (resumed if it exists)")
     s.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
-    s.add_argument("--n-records", type=int, default=64, help="records to sample (distinct subjects)")
-    s.add_argument("--methods", default="emmet,memit", help="comma-separated: rome, memit, emmet")
-    s.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes")
-    s.add_argument("--layer-modes", default="single,multi", help="comma-separated: single, multi")
-    s.add_argument("--single-layer", type=int, default=None, help="layer of the single-layer mode (default: per model)")
-    s.add_argument("--multi-layers", default=None, help="comma-separated layers of the multi-layer mode (default: per model)")
+    s.add_argument("--n-records", type=_int_at_least(1), default=64, help="records to sample (distinct subjects)")
+    s.add_argument("--methods", default="emmet,memit", type=_names_in(("rome", "memit", "emmet")), help="comma-separated: rome, memit, emmet")
+    s.add_argument("--batch-sizes", default="1,4,16,64", type=_ints(1), help="comma-separated batch sizes")
+    s.add_argument("--layer-modes", default="single,multi", type=_names_in(("single", "multi")), help="comma-separated: single, multi")
+    s.add_argument("--single-layer", type=_int_at_least(0), default=None, help="layer of the single-layer mode (default: per model)")
+    s.add_argument("--multi-layers", default=None, type=_ints(0), help="comma-separated layers of the multi-layer mode (default: per model)")
     s.add_argument("--sequential", action="store_true", help="accumulate batches instead of restoring the weights")
     s.add_argument("--sequential-eval", default="all", choices=["all", "batch"],
                    help="sequential mode: evaluate every edit so far after each batch, or only the batch's")
-    s.add_argument("--corpus", default=None, help=_CORPUS_HELP)
+    s.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
     s.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: 'auto')")
-    s.add_argument("--mom2-update-weight", type=float, default=None, help="lambda in C = lambda*C0 (default 1, for a mean C0)")
-    s.add_argument("--emmet-lambda", type=float, default=None, help="EMMET's ridge alpha for B > 1 (default 0.1)")
-    s.add_argument("--emmet-lambda-b1", default="0", help="EMMET's alpha at B = 1 (authors: 0); 'same' = --emmet-lambda")
-    s.add_argument("--max-batches", type=int, default=None, help="at most this many batches per configuration")
-    s.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
-    s.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation batch")
+    s.add_argument("--mom2-update-weight", type=_real_at_least(0, strict=True), default=None, help="lambda in C = lambda*C0 (default 1, for a mean C0)")
+    s.add_argument("--emmet-lambda", type=_real_at_least(0), default=None, help="EMMET's ridge alpha for B > 1 (default 0.1)")
+    s.add_argument("--emmet-lambda-b1", default="0", type=_lambda_b1, help="EMMET's alpha at B = 1 (authors: 0); 'same' = --emmet-lambda")
+    s.add_argument("--max-batches", type=_int_at_least(1), default=None, help="at most this many batches per configuration")
+    s.add_argument("--time-budget", type=_real_at_least(0), default=None, help="minutes; stops cleanly, rerun to continue")
+    s.add_argument("--eval-batch-size", type=_int_at_least(1), default=32, help="prompts per evaluation batch")
     s.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
     s.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     s.add_argument("--plot", default=None, help="save the score plot to this image file (and *_diagnostics next to it)")
@@ -294,26 +354,27 @@ def _lifelong_parser(sub) -> argparse.ArgumentParser:
                     "first batch's retention, the weight norms and the perplexity of --ppl-text. Resumable.",
                     "example: unifiededit lifelong --data easyedit-counterfact-edit.json --out results/lifelong "
                     "--corpus wiki.test.raw --ppl-text wikitext-2-tokens-valid.txt --methods memit,encore,alphaedit")
-    lf.add_argument("--data", required=True, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
+    lf.add_argument("--data", required=True, type=_input_file, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
                    "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
     lf.add_argument("--out", required=True, help="results folder: one sub-folder per method (resumed if it exists)")
-    lf.add_argument("--corpus", required=True, help=_CORPUS_HELP.split(". Without")[0])
+    lf.add_argument("--corpus", required=True, type=_input_file, help=_CORPUS_HELP.split(". Without")[0])
     lf.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     lf.add_argument("--methods", default="memit,emmet,encore,alphaedit",
+                    type=_names_in(METHODS, {"rome": ("emmet", "original", "r-rome", "p-rome")}),
                     help="comma-separated methods; ROME's key variants as rome:original, rome:r-rome, rome:p-rome")
-    lf.add_argument("--n-records", type=int, default=1024, help="records to sample (distinct subjects)")
-    lf.add_argument("--batch-size", type=int, default=16, help="edits per batch (ROME: always 1)")
-    lf.add_argument("--eval-every", type=int, default=8, help="evaluate every this many batches")
-    lf.add_argument("--rome-records", type=int, default=100, help="ROME edits this many records, one at a time")
-    lf.add_argument("--rome-eval-every", type=int, default=10, help="ROME evaluates every this many edits")
-    lf.add_argument("--layers", default=None, help="comma-separated layers of the batched methods (default: MEMIT's)")
+    lf.add_argument("--n-records", type=_int_at_least(1), default=1024, help="records to sample (distinct subjects)")
+    lf.add_argument("--batch-size", type=_int_at_least(1), default=16, help="edits per batch (ROME: always 1)")
+    lf.add_argument("--eval-every", type=_int_at_least(1), default=8, help="evaluate every this many batches")
+    lf.add_argument("--rome-records", type=_int_at_least(1), default=100, help="ROME edits this many records, one at a time")
+    lf.add_argument("--rome-eval-every", type=_int_at_least(1), default=10, help="ROME evaluates every this many edits")
+    lf.add_argument("--layers", default=None, type=_ints(0), help="comma-separated layers of the batched methods (default: MEMIT's)")
     lf.add_argument("--n-tokens", type=_n_tokens, default="auto", help=_NTOK_HELP)
-    lf.add_argument("--ppl-text", default=None, help="held-out text file whose perplexity is tracked")
-    lf.add_argument("--ppl-tokens", type=int, default=16_384, help="tokens of --ppl-text used")
-    lf.add_argument("--fluency", type=int, default=0,
+    lf.add_argument("--ppl-text", default=None, type=_input_file, help="held-out text file whose perplexity is tracked")
+    lf.add_argument("--ppl-tokens", type=_int_at_least(1), default=16_384, help="tokens of --ppl-text used")
+    lf.add_argument("--fluency", type=_int_at_least(0), default=0,
                     help="after the runs: generation entropy of the first N records' prompts continued by the unedited "
                          "model and by each run's last weights in --out (fluency.json); 0: skip")
-    lf.add_argument("--time-budget", type=float, default=None, help="minutes; stops cleanly, rerun to continue")
+    lf.add_argument("--time-budget", type=_real_at_least(0), default=None, help="minutes; stops cleanly, rerun to continue")
     lf.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
     lf.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     lf.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -5,9 +5,11 @@
 # %% ../nbs/18_data.ipynb #8419a78a
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,12 @@ import numpy as np
 
 from .datafiles import (DATA_ROOT_URL, REMOTE_FILES, SAMPLES, data_path, default_cache_dir, fetch,
                                    is_sample_ref, resolve_path, sample_path)
+from .store import digest
 
 # %% auto #0
-__all__ = ['FORMATS', 'EditRecord', 'parse_counterfact', 'parse_easyedit', 'parse_zsre', 'EditDataset', 'detect_format',
-           'load_dataset', 'load_counterfact', 'load_easyedit_counterfact', 'load_zsre', 'AttributeSnippets',
-           'load_attribute_snippets', 'TfidfStats', 'load_tfidf_stats']
+__all__ = ['FORMATS', 'EditRecord', 'record_digest', 'parse_counterfact', 'parse_easyedit', 'parse_zsre', 'EditDataset',
+           'detect_format', 'load_dataset', 'load_counterfact', 'load_easyedit_counterfact', 'load_zsre',
+           'AttributeSnippets', 'load_attribute_snippets', 'TfidfStats', 'load_tfidf_stats']
 
 # %% ../nbs/18_data.ipynb #84ab7fb9
 @dataclass(frozen=True)
@@ -47,6 +50,12 @@ class EditRecord:
     source: str = "counterfact"                   # 'counterfact', 'easyedit' or 'zsre'
 
     def __post_init__(self):
+        for name in ("subject", "prompt", "target_new"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"case_id={self.case_id}: {name} must be a non-empty string, got {v!r}")
+        if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
+            raise ValueError(f"case_id={self.case_id}: target_true must be a non-empty string or None, got {self.target_true!r}")
         if self.prompt.count("{}") != 1:
             raise ValueError(f"case_id={self.case_id}: prompt template must contain exactly one '{{}}', "
                              f"got {self.prompt!r}")
@@ -69,6 +78,12 @@ class EditRecord:
                 "target_new": new, "target_true": true}
 
     def to_request(self) -> dict: return self.request
+
+# %% ../nbs/18_data.ipynb #697fe524
+def record_digest(r: EditRecord) -> str:
+    "A digest of every field of `r`: two records are the same data exactly when their digests agree."
+    if not isinstance(r, EditRecord): raise TypeError(f"expected an EditRecord, got {type(r).__name__}")
+    return digest(dataclasses.asdict(r))[:16]
 
 # %% ../nbs/18_data.ipynb #76f2e5f8
 def _where(i: int, rec) -> str:
@@ -129,7 +144,9 @@ def parse_counterfact(raw: list) -> list[EditRecord]:
 
 # %% ../nbs/18_data.ipynb #f9c975f9
 def _template(prompt: str, subject: str, i: int, rec: dict, fmt: str, field_name: str) -> str:
-    if not subject or subject not in prompt:
+    if not subject.strip(): raise ValueError(f"{fmt}: {_where(i, rec)} has an empty subject {subject!r}")
+    if "{}" in prompt: raise ValueError(f"{fmt}: {_where(i, rec)} {field_name} {prompt!r} already holds '{{}}'")
+    if subject not in prompt:
         raise ValueError(f"{fmt}: {_where(i, rec)} subject {subject!r} does not occur in {field_name} {prompt!r}")
     return prompt.replace(subject, "{}", 1)
 
@@ -162,7 +179,7 @@ def parse_zsre(raw: list, target: str = "answers") -> list[EditRecord]:
     `target='answers'` edits towards `answers[0]` (ROME/MEMIT); `target='alt'` towards `alt` with `answers[0]` as the
     true object (EasyEdit's convention)."""
     if target not in ("answers", "alt"): raise ValueError(f"target must be 'answers' or 'alt', got {target!r}")
-    fmt, out = "zsRE", []
+    fmt, out, no_alt = "zsRE", [], []
     for i, rec in enumerate(_records_list(raw, fmt)):
         g = lambda p, t=str: _get(rec, p, t, i, fmt)
         subject, answers = g("subject"), g("answers", list)
@@ -173,10 +190,14 @@ def parse_zsre(raw: list, target: str = "answers") -> list[EditRecord]:
             raise ValueError(f"zsRE: {_where(i, rec)} field 'loc' should be a Natural Questions prompt "
                              f"('nq question: ...'), got {loc!r:.80}")
         new, true = (answers[0], None) if target == "answers" else (g("alt"), answers[0])
+        if not new.strip(): no_alt.append(i); continue          # nothing to edit towards
         out.append(EditRecord(
             case_id=i, subject=subject, prompt=_template(g("src"), subject, i, rec, fmt, "src"),
             target_new=new, target_true=true, paraphrase_prompts=(g("rephrase"),),
             neighborhood_prompts=(loc + "?",), neighborhood_answers=(g("loc_ans"),), source="zsre"))
+    if no_alt:
+        warnings.warn(f"zsRE: {len(no_alt)} record(s) have an empty {'alt' if target == 'alt' else 'answers[0]'} and are "
+                      f"left out (positions {no_alt[:10]}{' ...' if len(no_alt) > 10 else ''})")
     return out
 
 # %% ../nbs/18_data.ipynb #7b4f4364

@@ -5,7 +5,9 @@
 # %% ../nbs/17_editing.ipynb #8cacf5e4
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -13,7 +15,7 @@ import torch
 
 from .models import ModelAdapter, eval_mode, parameter_value, set_parameter_value
 from .objective import emmet_update, memit_update, rome_update
-from .general import alphaedit_update, encore_update, rome_variant_update
+from .general import alphaedit_update, encore_update, preservation_terms, rome_variant_update
 from .stats import collect_key_stats
 from .requests import EditRequest, as_requests
 from .keys import ContextTemplates, compute_keys, subject_activations
@@ -21,31 +23,41 @@ from .values import TargetValues, fitting_value_prompts
 from .batched_values import compute_target_values
 from .hparams import HParams
 from .history import Edit, EditHistory, adapter_names, write_delta
+from .store import model_fingerprint
 
 # %% auto #0
 __all__ = ['Timer', 'value_hook', 'edit']
 
 # %% ../nbs/17_editing.ipynb #77606e24
+def _key_text(r: EditRequest) -> str:
+    "The text a request's key depends on: everything up to the end of its subject."
+    return r.prompt[:r.prompt.index("{}")] + r.subject
+
+
 def _check_requests(requests: Sequence, tok, method: str, emmet_lambda: float) -> list[EditRequest]:
     reqs = as_requests(requests)
     for r in reqs: r.validate(tok)
     if method == "rome" and len(reqs) != 1:
         raise ValueError(f"ROME writes one fact at a time, got {len(reqs)} requests; use method='memit' or 'emmet' "
                          "for batches (or apply ROME edits one after another)")
-    if method == "emmet" and emmet_lambda == 0:
-        seen = {}
-        for r in reqs:
-            key = (r.prompt, r.subject)
-            if key in seen and seen[key] != r.target_new:
-                raise ValueError(f"the subject {r.subject!r} appears twice with the same prompt and different targets "
-                                 f"({seen[key]!r}, {r.target_new!r}): their keys coincide, so exact EMMET's equality "
-                                 "constraints are infeasible. Set emmet_lambda > 0 or remove duplicate subjects.")
-            seen[key] = r.target_new
+    seen = {}
+    for j, r in enumerate(reqs):
+        i = seen.setdefault(_key_text(r), j)
+        if i == j: continue
+        what = (f"requests {i} and {j} ({r.subject!r}, text {_key_text(r)!r} up to the subject's end) have the same "
+                f"key, with targets {reqs[i].target_new!r} and {r.target_new!r}")
+        if method == "emmet" and emmet_lambda == 0:
+            raise ValueError(f"{what}: exact EMMET's equality constraints are infeasible (K^T C^-1 K is singular). Set "
+                             "emmet_lambda > 0, or keep one request per subject and context")
+        warnings.warn(f"{what}: one key can hold only one value, so {method} writes a compromise between them")
     return reqs
 
 
 def _check_stats(stats, adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     "Per-layer C0 from a mapping layer -> tensor or layer -> object with `.mom2`; shapes and values checked."
+    if isinstance(stats, (list, tuple, str, torch.Tensor)) or not hasattr(stats, "__getitem__"):
+        raise TypeError(f"stats must be a mapping layer -> C0 (or an object with .mom2), e.g. collect_key_stats(...), "
+                        f"got {type(stats).__name__}")
     out = {}
     for layer in layers:
         if layer not in stats:
@@ -84,6 +96,9 @@ def _preservation(model, tok, hp: HParams, adapter: ModelAdapter, stats, corpus,
     "layer -> C0 (d_in, d_in) of every edited layer."
     if not hp.mom2_adjustment: return {l: torch.eye(adapter.d_in(l), dtype=torch.float64) for l in hp.layers}
     if stats is None:
+        if hp.mom2_dataset != "wikitext":
+            warnings.warn(f"mom2_dataset={hp.mom2_dataset!r} (an upstream file's corpus name) is recorded, not read: "
+                          "the statistics come from the corpus argument (see chapter 8)")
         stats = collect_key_stats(model, tok, hp.layers, corpus, hp.stats_config, cache=cache_dir, adapter=adapter,
                                   progress=progress)
     return _check_stats(stats, adapter, hp.layers)
@@ -149,7 +164,7 @@ def _solve(hp: HParams, C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor, *, p
     """The closed form of `hp.method` (chapters 0 and 1) for one layer: C0 (d_in, d_in) the mean key second
     moment, K (d_in, E), R (d_out, E); `prev_gram` Σ k kᵀ of earlier edits (ENCORE, AlphaEdit); `nullspace` AlphaEdit's;
     `k_bare` (d_in,) and W (d_out, d_in) for ROME's key variants. Returns (Δ, diagnostics or None)."""
-    C = hp.mom2_update_weight * C0.to(K.device, torch.float64)
+    C = preservation_terms(C0.to(K.device), hp.mom2_update_weight, hp.update_norm_lambda)      # λ C0 + μ I
     if hp.method == "rome":
         if hp.rome_keys == "emmet": return rome_update(C, K[:, 0], R[:, 0], return_info=True)
         return rome_variant_update(C, K[:, 0], k_bare, R[:, 0], W, hp.rome_keys), None
@@ -165,8 +180,9 @@ def _method_inputs(model, tok, reqs: list[EditRequest], hp: HParams, adapter: Mo
                    C0: torch.Tensor, history: EditHistory | None, scratch: EditHistory) -> dict:
     "`_solve`'s method-specific keyword arguments for `layer`."
     m = hp.method
+    kept = history is not None and layer in history.nullspaces       # else built aside, kept only if the edit succeeds
     return dict(prev_gram=history.gram(layer) if history is not None and hp.add_prev_edits else None,
-                nullspace=(scratch if history is None else history).nullspace(layer, C0, hp) if m == "alphaedit" else None,
+                nullspace=(history if kept else scratch).nullspace(layer, C0, hp) if m == "alphaedit" else None,
                 k_bare=compute_keys(model, tok, reqs, layer, adapter=adapter, mode="bare")[:, 0]
                        if m == "rome" and hp.rome_keys != "emmet" else None,
                 W=adapter.read_weight(layer) if m == "rome" and hp.rome_keys == "r-rome" else None)
@@ -180,8 +196,9 @@ def _info_dict(info) -> dict:
 
 # %% ../nbs/17_editing.ipynb #d1c788a4
 def _edit_layers(model, tok, reqs: list[EditRequest], hp: HParams, adapter: ModelAdapter, templates, C0: dict,
-                 tv: TargetValues, hook: str, history: EditHistory | None, timer: Timer) -> tuple[dict, dict, dict]:
-    "Step 3: (layer -> Δ as written (float32, CPU), layer -> diagnostics, layer -> the keys K (d_in, E) solved with)."
+                 tv: TargetValues, hook: str, history: EditHistory | None, timer: Timer):
+    """Step 3: (layer -> Δ as written (float32, CPU), layer -> diagnostics, layer -> the keys K (d_in, E) solved with,
+    an `EditHistory` with the null spaces built on the way)."""
     deltas, diag, keys, scratch = {}, {}, {}, EditHistory()
     for i, layer in enumerate(hp.layers):
         with timer("keys"):
@@ -198,18 +215,27 @@ def _edit_layers(model, tok, reqs: list[EditRequest], hp: HParams, adapter: Mode
             write_delta(adapter, layer, deltas[layer])
         diag[layer] = {"delta_norm": float(delta.norm()), "residual_norm": float(R.norm()), **_info_dict(info)}
         keys[layer] = K
-    return deltas, diag, keys
+    return deltas, diag, keys, scratch
 
 
-def _record(history: EditHistory, model, tok, reqs, hp: HParams, adapter: ModelAdapter, templates, keys: dict):
-    "Add a successful edit's keys to `history`: those it solved with; AlphaEdit's recomputed on the edited model."
+def _record(history: EditHistory, model, tok, reqs, hp: HParams, adapter: ModelAdapter, templates, keys: dict,
+            scratch: EditHistory):
+    """Add a successful edit's keys to `history` (those it solved with; AlphaEdit's recomputed on the edited model) and
+    the null spaces it built."""
     if hp.method == "alphaedit":
         keys = {l: compute_keys(model, tok, reqs, l, templates, adapter=adapter, mode=hp.key_mode) for l in hp.layers}
     for l, K in keys.items(): history.add(l, K)
+    history.adopt_nullspaces(scratch)
 
 # %% ../nbs/17_editing.ipynb #e166efae
 def _resolve(model, method: str | None, hparams: HParams | None, overrides: dict) -> tuple[HParams, ModelAdapter]:
     "The hyper-parameters (given, or `HParams.for_model`, with `overrides`) and the adapter, checked against the model."
+    if method is not None and not isinstance(method, str): raise TypeError(f"method must be a str, got {method!r}")
+    if hparams is not None and not isinstance(hparams, HParams):
+        raise TypeError(f"hparams must be an HParams (HParams.from_file reads upstream files), got {type(hparams).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(HParams)})
+    if unknown: raise TypeError(f"edit() got unknown hyper-parameter(s) {unknown}; HParams has the fields "
+                                f"{[f.name for f in dataclasses.fields(HParams)]}")
     if hparams is None: hparams = HParams.for_model(model, method or "emmet", **overrides)
     elif overrides: hparams = hparams.replace(**overrides)
     if method is not None and method.lower() != hparams.method:
@@ -236,6 +262,8 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     succeeded. `overrides` replace hyper-parameter fields. On any error the model (and `history`) are left as they were.
     """
     timer = Timer()
+    if history is not None and not isinstance(history, EditHistory):
+        raise TypeError(f"history must be an EditHistory (or None), got {type(history).__name__}")
     with timer("total"):
         hp, adapter = _resolve(model, method, hparams, overrides)
         reqs = _check_requests(requests, tok, hp.method, hp.emmet_lambda)
@@ -248,9 +276,11 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             with timer("stats"): C0 = _preservation(model, tok, hp, adapter, stats, corpus, cache_dir, progress)
             with timer("values"): tv = _target_values(model, tok, reqs, hp, adapter, templates, hook, values, progress)
             originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
+            base = model_fingerprint(model)                    # the weights this edit is computed on
             try:
-                deltas, diag, keys = _edit_layers(model, tok, reqs, hp, adapter, templates, C0, tv, hook, history, timer)
-                if history is not None: _record(history, model, tok, reqs, hp, adapter, templates, keys)
+                deltas, diag, keys, scratch = _edit_layers(model, tok, reqs, hp, adapter, templates, C0, tv, hook,
+                                                           history, timer)
+                if history is not None: _record(history, model, tok, reqs, hp, adapter, templates, keys, scratch)
             except BaseException:
                 for name, w in originals.items(): set_parameter_value(model, name, w)
                 raise
@@ -260,5 +290,5 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             "values_precomputed": values is not None}
     return Edit(method=hp.method, deltas=deltas, module_names={l: adapter.name("rewrite", l) for l in hp.layers},
                 requests=[r.to_dict() for r in reqs], hparams={**hp.to_dict(), **adapter_names(adapter)},
-                diagnostics=diag, model=model, values=tv, _originals=originals)
+                diagnostics=diag, base_fingerprint=base, model=model, values=tv, _originals=originals)._record_written()
 

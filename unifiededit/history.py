@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from .models import ModelAdapter, parameter_value, set_parameter_value
 from .general import NullSpace, nullspace
 from .hparams import HParams
-from .store import load_tensors, model_fingerprint, save_tensors
+from .store import load_tensors, model_fingerprint, save_tensors, tensors_digest
 
 # %% auto #0
 __all__ = ['EDIT_FORMAT', 'HISTORY_FORMAT', 'write_delta', 'Edit', 'adapter_names', 'EditHistory']
@@ -46,6 +46,7 @@ class Edit:
     model: Any = field(default=None, repr=False)
     values: Any = field(default=None, repr=False)   # the TargetValues of chapter 12 (not saved)
     _originals: dict | None = field(default=None, repr=False)   # parameter name -> its values before `apply`
+    _written: dict | None = field(default=None, repr=False)     # parameter name -> digest of what `apply` wrote
 
     @property
     def layers(self) -> list[int]: return sorted(self.deltas)
@@ -64,7 +65,10 @@ def _adapter(self: Edit, model) -> ModelAdapter:
     "The model's adapter, checked against the deltas (module names, shapes) before anything is written."
     overrides = {k: self.hparams[k] for k in _MODULE_FIELDS if self.hparams.get(k)}
     adapter = ModelAdapter.from_model(model, **overrides)
+    if set(self.module_names) != set(self.deltas):
+        raise ValueError(f"module_names cover layers {sorted(self.module_names)}, the deltas layers {sorted(self.deltas)}")
     for layer, delta in sorted(self.deltas.items()):
+        if not torch.isfinite(delta).all(): raise ValueError(f"layer {layer}: the delta contains NaN or inf")
         name = adapter.name("rewrite", layer)
         if name != self.module_names[layer]:
             raise ValueError(f"layer {layer}: this edit was computed for module {self.module_names[layer]!r}, "
@@ -78,8 +82,8 @@ def _adapter(self: Edit, model) -> ModelAdapter:
 @patch
 def apply(self: Edit, model=None, *, check_base: bool = True) -> "Edit":
     """Write W + Δ into `model` (default: the model it was computed on), keeping the originals for `revert`.
-    An edit that knows its base weights (a saved one) refuses a model whose weights differ — another model, or
-    one that already carries this or another edit — unless `check_base=False`."""
+    An edit that knows its base weights (every edit `edit` makes, and a saved one) refuses a model whose weights
+    differ — another model, or one that already carries this or another edit — unless `check_base=False`."""
     if self.applied: raise RuntimeError("this edit is already applied; revert() it first")
     model = model if model is not None else self.model
     if model is None: raise ValueError("no model: pass the model to apply this edit to")
@@ -93,15 +97,36 @@ def apply(self: Edit, model=None, *, check_base: bool = True) -> "Edit":
     originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in self.layers}
     for layer in self.layers: write_delta(adapter, layer, self.deltas[layer])
     self.model, self._originals = model, originals
+    return self._record_written()
+
+
+@patch
+def _digests(self: Edit) -> dict:
+    "Parameter name -> digest of its current values, for the parameters this edit wrote."
+    return {name: tensors_digest({name: parameter_value(self.model, name)}) for name in self._originals}
+
+
+@patch
+def _record_written(self: Edit) -> "Edit":
+    "Remember what this (applied) edit wrote, so that `revert` can tell whether anything changed it since."
+    self._written = self._digests()
     return self
 
 
 @patch
 def revert(self: Edit) -> "Edit":
-    "Restore the edited weights bit for bit."
+    """Restore the edited weights bit for bit. Refused when they changed since this edit wrote them — another edit
+    applied after it (revert that first: last applied, first reverted), or a change by hand — since restoring would
+    silently undo that change too."""
     if not self.applied: raise RuntimeError("this edit is not applied; nothing to revert")
+    if self._written is not None:
+        changed = [n for n, d in self._digests().items() if d != self._written[n]]
+        if changed:
+            raise RuntimeError(f"the weights of {changed} changed after this edit was applied (another edit applied "
+                               "after it, or a change by hand): revert the later edits first (last applied, first "
+                               "reverted); nothing was written")
     for name, w in self._originals.items(): set_parameter_value(self.model, name, w)
-    self._originals = None
+    self._originals = self._written = None
     return self
 
 # %% ../nbs/16_history.ipynb #f14347e5
@@ -123,6 +148,8 @@ def _base_fingerprint(e: Edit) -> str | None:
 
 def _save(self: Edit, path) -> Path:
     "Write the deltas and the metadata to one checksummed safetensors file, atomically."
+    bad = [l for l, d in self.deltas.items() if not torch.isfinite(d).all()]
+    if bad: raise ValueError(f"the deltas of layers {bad} contain NaN or inf; nothing was written")
     self.base_fingerprint = _base_fingerprint(self)
     meta = {"format": EDIT_FORMAT, "method": self.method, "base_fingerprint": self.base_fingerprint,
             "module_names": {str(k): v for k, v in self.module_names.items()}, "requests": self.requests,
@@ -141,6 +168,8 @@ def _load(cls, path) -> Edit:
     names = {int(k): v for k, v in meta["module_names"].items()}
     if set(names) != set(deltas):
         raise ValueError(f"{path}: module_names cover layers {sorted(names)}, the deltas layers {sorted(deltas)}")
+    bad = [l for l, d in deltas.items() if not torch.isfinite(d).all()]
+    if bad: raise ValueError(f"{path}: the deltas of layers {bad} contain NaN or inf")
     return cls(method=meta["method"], deltas=deltas, module_names=names, requests=meta["requests"],
                hparams=meta["hparams"], diagnostics=meta["diagnostics"], base_fingerprint=meta["base_fingerprint"])
 
@@ -151,9 +180,14 @@ Edit.save, Edit.load = _save, classmethod(_load)
 HISTORY_FORMAT = "unifiededit.EditHistory/1"
 
 
+def _nullspace_setting(hp: HParams) -> dict:
+    "The settings an AlphaEdit projector depends on (besides C0)."
+    return {"nullspace_threshold": hp.nullspace_threshold, "nullspace_relative": hp.nullspace_relative}
+
+
 class EditHistory:
     """Per layer: G_p = Σ k kᵀ (float64) of every earlier edit's keys and their count, and AlphaEdit's null-space
-    projectors. One object per sequence of edits (see above).
+    projectors with the settings they were built with. One object per sequence of edits (see above).
 
     >>> h = EditHistory(); h.add(3, torch.ones(4, 2)); h.count(3), h.gram(3)[0, 0].item()
     (2, 2.0)
@@ -162,6 +196,7 @@ class EditHistory:
         self.grams: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.nullspaces: dict[int, NullSpace] = {}
+        self.nullspace_settings: dict[int, dict] = {}
 
     def gram(self, layer: int) -> torch.Tensor | None: return self.grams.get(layer)
     def count(self, layer: int) -> int: return self.counts.get(layer, 0)
@@ -175,31 +210,53 @@ class EditHistory:
         self.counts[layer] = self.count(layer) + K.shape[1]
 
     def nullspace(self, layer: int, C0: torch.Tensor, hp: HParams) -> NullSpace:
-        "AlphaEdit's projector for `layer`, computed from C0 at first use and kept (upstream: once, from the unedited model)."
-        if layer not in self.nullspaces:
-            self.nullspaces[layer] = nullspace(C0, hp.nullspace_threshold, relative=hp.nullspace_relative)
+        """AlphaEdit's projector for `layer`, computed from C0 at first use and kept (upstream: once, from the unedited
+        model); asking for it with other null-space settings than it was built with is an error."""
+        setting = _nullspace_setting(hp)
+        if layer in self.nullspaces:
+            built = self.nullspace_settings.get(layer)
+            if built is not None and built != setting:
+                raise ValueError(f"this EditHistory's null space of layer {layer} was built with {built}, the edit asks "
+                                 f"for {setting}: a sequence keeps one projector; start a new EditHistory")
+            return self.nullspaces[layer]
+        self.nullspaces[layer] = nullspace(C0, hp.nullspace_threshold, relative=hp.nullspace_relative)
+        self.nullspace_settings[layer] = setting
         return self.nullspaces[layer]
+
+    def adopt_nullspaces(self, other: "EditHistory"):
+        "Keep the projectors `other` built that this history lacks (an edit builds them aside until it succeeds)."
+        for l, ns in other.nullspaces.items():
+            if l not in self.nullspaces: self.nullspaces[l], self.nullspace_settings[l] = ns, other.nullspace_settings[l]
+
+    def to_tensors(self, prefix: str = "") -> tuple[dict, dict]:
+        "(tensors, JSON metadata): what `save` writes, and what a lifelong run stores beside its weights."
+        tensors = {f"{prefix}gram.{l}": g for l, g in self.grams.items()}
+        tensors.update({f"{prefix}nullspace.{l}": ns.U for l, ns in self.nullspaces.items()})
+        tensors.update({f"{prefix}eigenvalues.{l}": ns.eigenvalues for l, ns in self.nullspaces.items()})
+        meta = {"format": HISTORY_FORMAT, "counts": {str(l): n for l, n in self.counts.items()},
+                "thresholds": {str(l): ns.threshold for l, ns in self.nullspaces.items()},
+                "nullspace_settings": {str(l): s for l, s in self.nullspace_settings.items()}}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict, prefix: str = "", source: str = "history") -> "EditHistory":
+        if meta.get("format") != HISTORY_FORMAT:
+            raise ValueError(f"{source} is not an EditHistory (format={meta.get('format')!r})")
+        h = cls()
+        h.grams = {int(k[len(prefix):].split(".")[1]): t for k, t in tensors.items() if k.startswith(prefix + "gram.")}
+        h.counts = {int(l): n for l, n in meta["counts"].items()}
+        h.nullspaces = {int(l): NullSpace(tensors[f"{prefix}nullspace.{l}"], tensors[f"{prefix}eigenvalues.{l}"], float(t))
+                        for l, t in meta["thresholds"].items()}
+        h.nullspace_settings = {int(l): s for l, s in meta.get("nullspace_settings", {}).items()}
+        return h
 
     def save(self, path) -> Path:
         "One checksummed safetensors file (chapter 5), written atomically."
-        tensors = {f"gram.{l}": g for l, g in self.grams.items()}
-        tensors.update({f"nullspace.{l}": ns.U for l, ns in self.nullspaces.items()})
-        tensors.update({f"eigenvalues.{l}": ns.eigenvalues for l, ns in self.nullspaces.items()})
-        meta = {"format": HISTORY_FORMAT, "counts": {str(l): n for l, n in self.counts.items()},
-                "thresholds": {str(l): ns.threshold for l, ns in self.nullspaces.items()}}
-        return save_tensors(path, tensors, meta)
+        return save_tensors(path, *self.to_tensors())
 
     @classmethod
     def load(cls, path) -> "EditHistory":
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != HISTORY_FORMAT:
-            raise ValueError(f"{path} is not an EditHistory file (format={meta.get('format')!r})")
-        h = cls()
-        h.grams = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("gram.")}
-        h.counts = {int(l): n for l, n in meta["counts"].items()}
-        h.nullspaces = {int(l): NullSpace(tensors[f"nullspace.{l}"], tensors[f"eigenvalues.{l}"], float(t))
-                        for l, t in meta["thresholds"].items()}
-        return h
+        return cls.from_tensors(*load_tensors(path), source=str(path))
 
     def __repr__(self) -> str:
         return f"EditHistory({len(self)} edit(s) recorded, layers {sorted(self.grams)})"

@@ -127,6 +127,9 @@ class HParams:
         check_real("emmet_lambda", self.emmet_lambda, nonnegative=True)
         check_bool("mom2_adjustment", self.mom2_adjustment)
         check_real("update_norm_lambda", self.update_norm_lambda, nonnegative=True)
+        if self.update_norm_lambda and self.method in ("rome", "alphaedit"):
+            raise ValueError(f"update_norm_lambda={self.update_norm_lambda!r}: {self.method} has no norm penalty (the "
+                             "authors' MEMIT, EMMET and ENCORE code add it to the statistics); leave it at 0")
         check_real("L2", self.L2, positive=True)
         check_choice("rome_keys", self.rome_keys, ("emmet", "original", "r-rome", "p-rome"))
         check_bool("add_prev_edits", self.add_prev_edits)

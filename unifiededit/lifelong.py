@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .data import EditRecord, record_digest
 from .datafiles import data_path
 from .editing import edit
 from .generation import generation_entropy, ngram_entropy, sample_generations, word_tokenize
@@ -22,7 +24,7 @@ from .hparams import HParams
 from .keys import ContextTemplates
 from .metrics import evaluate
 from .models import ModelAdapter, eval_mode, execution_device
-from .store import (check_int, clean_stale_temps, digest, load_tensors, model_id, read_json,
+from .store import (check_int, check_real, clean_stale_temps, digest, load_tensors, model_id, read_json,
                                save_tensors, tensors_digest, write_json_atomic)
 
 # %% auto #0
@@ -95,15 +97,50 @@ def _checkpoint(model, tok, records, b: int, B: int, adapter, layers, W0: dict, 
     return row
 
 # %% ../nbs/25_lifelong.ipynb #79f6af4f
+def _check_run(records, hparams: HParams, stats, batch_size, eval_every, eval_batch_size, time_budget) -> tuple[list, int]:
+    "The records and the batch size, every argument of `run_lifelong` checked before anything is written."
+    records = list(records)
+    if not records: raise ValueError("no records to edit")
+    if not all(isinstance(r, EditRecord) for r in records):
+        raise TypeError("records must be EditRecords (e.g. load_dataset(...).sample(n))")
+    if not isinstance(hparams, HParams): raise TypeError(f"hparams must be an HParams, got {type(hparams).__name__}")
+    B = check_int("batch_size", batch_size, low=1)
+    if B > len(records):
+        raise ValueError(f"batch_size={B} is larger than the {len(records)} records: there is not one batch to edit")
+    if hparams.method == "rome" and B != 1: raise ValueError(f"ROME edits one fact at a time: batch_size must be 1, got {B}")
+    check_int("eval_every", eval_every, low=1); check_int("eval_batch_size", eval_batch_size, low=1)
+    if time_budget is not None: check_real("time_budget", time_budget, nonnegative=True)
+    missing = [l for l in hparams.layers if l not in stats]
+    if missing: raise ValueError(f"stats lack the edited layer(s) {missing}")
+    if len(records) % B:
+        warnings.warn(f"{len(records) % B} of the {len(records)} records do not fill a last batch of {B} and are not edited")
+    return records, B
+
+
+def _save_state(path: Path, adapter, layers, history: EditHistory, b: int, fp: str, row: dict):
+    "Weights, history and the batch's log line after batch b, in one checksummed file (step 1 above)."
+    htensors, hmeta = history.to_tensors(prefix="history.")
+    save_tensors(path, {**{f"layer.{l}": adapter.read_weight(l) for l in layers}, **htensors},
+                 {"batch": b, "fingerprint": fp, "row": row, "history": hmeta})
+
+
+def _load_state(path: Path, histp: Path, fp: str) -> tuple[dict, EditHistory, int, dict | None]:
+    "(weights, history, batch, log line) of a saved state; a state of the older two-file layout reads its history file."
+    tensors, meta = load_tensors(path)
+    if meta.get("fingerprint") != fp: raise ValueError(f"{path} belongs to another run (fingerprint {meta.get('fingerprint')})")
+    if "history" in meta: history = EditHistory.from_tensors(tensors, meta["history"], prefix="history.", source=str(path))
+    else: history = EditHistory.load(histp)
+    return {k: t for k, t in tensors.items() if k.startswith("layer.")}, history, meta.get("batch"), meta.get("row")
+
+# %% ../nbs/25_lifelong.ipynb #4fa714ff
 def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, stats, templates=None,
                  batch_size: int = 16, eval_every: int = 8, ppl_texts: Sequence[str] = (), eval_batch_size: int = 32,
                  time_budget: float | None = None, log: Callable = print, progress: bool = True) -> LifelongRun:
     """Edit `records` in sequence, `batch_size` at a time, with `hparams` (any method); evaluate every `eval_every`
     batches; resumable (see above). `stats`: key statistics of every edited layer (of the unedited model)."""
-    records = list(records)
-    if not records: raise ValueError("no records to edit")
+    records, B = _check_run(records, hparams, stats, batch_size, eval_every, eval_batch_size, time_budget)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True); clean_stale_temps(out_dir)
-    adapter, layers, B = ModelAdapter.from_model(model), hparams.layers, batch_size
+    adapter, layers = ModelAdapter.from_model(model), hparams.layers
     n_batches = len(records) // B
     templates = ContextTemplates.coerce(templates if templates is not None else ContextTemplates.generate(
         model, tok, hparams.context_template_length_params, seed=hparams.seed,
@@ -112,28 +149,44 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
              "hparams": {k: v for k, v in hparams.to_dict().items() if k != "meta"}, "batch_size": B,
              "eval_every": eval_every, "templates": templates.groups, "ppl": digest(list(ppl_texts)),
              "stats": {str(l): tensors_digest({"C0": getattr(stats[l], "mom2", stats[l])}) for l in layers}}
-    fp = digest(ident)
+    fp, content = digest(ident), digest([record_digest(r) for r in records[:n_batches * B]])
     logp, statep, histp = out_dir / "log.json", out_dir / "state.safetensors", out_dir / "history.safetensors"
-    state = read_json(logp) or {"format": LIFELONG_FORMAT, "fingerprint": fp, "identity": ident, "batches": [],
-                                "checkpoints": []}
-    if state.get("fingerprint") != fp:
+    state = read_json(logp) or {"format": LIFELONG_FORMAT, "fingerprint": fp, "identity": ident, "records": content,
+                                "batches": [], "checkpoints": []}
+    if state.get("fingerprint") != fp or state.setdefault("records", content) != content:
         raise ValueError(f"{out_dir} holds another lifelong run (model, records or settings differ); use another folder")
     W0 = {l: adapter.read_weight(l).clone() for l in layers}
-    if "pre" not in state:                                         # the unedited model on every record: the baseline
-        state["pre"] = _checkpoint(model, tok, records[:n_batches * B], n_batches - 1, B, adapter, layers, W0, ppl_texts,
-                                   eval_batch_size)
-        state["pre"]["batch"] = -1
+
+    def commit(b: int, row: dict):                                 # step 2: the log line (and evaluation) of batch b
+        state["batches"].append(row)
+        if b == 0 or (b + 1) % eval_every == 0 or b == n_batches - 1:
+            ck = _checkpoint(model, tok, records, b, B, adapter, layers, W0, ppl_texts, eval_batch_size)
+            state["checkpoints"].append(ck)
+            s = ck["all"]
+            log(f"{out_dir.name} batch {b + 1}/{n_batches}: {ck['n_edits']} edits ES {s['efficacy_score']['mean']:.1f} "
+                f"PS {s['paraphrase_score']['mean']:.1f} NS {s['neighborhood_score']['mean']:.1f} | first batch ES "
+                f"{ck['first_batch']['efficacy_score']['mean']:.1f} | ‖W−W0‖ {ck['delta_norm']:.1f}"
+                + (f" | PPL {ck['perplexity']:.2f}" if "perplexity" in ck else ""))
         write_json_atomic(logp, state)
-    history, start = EditHistory(), len(state["batches"])
-    if start:                                                      # resume: the weights and history after the last batch
-        tensors, meta = load_tensors(statep)
-        if meta.get("batch") != start - 1 or meta.get("fingerprint") != fp:
-            raise ValueError(f"{statep} does not match the log of {out_dir} (batch {meta.get('batch')}, {start} logged)")
-        for l in layers: adapter.write_weight(l, tensors[f"layer.{l}"])
-        history = EditHistory.load(histp)
-        log(f"resuming {out_dir.name} after batch {start - 1} ({start * B} edits)")
-    t0 = time.perf_counter()
+
     try:
+        if "pre" not in state:                                     # the unedited model on every record: the baseline
+            state["pre"] = _checkpoint(model, tok, records[:n_batches * B], n_batches - 1, B, adapter, layers, W0,
+                                       ppl_texts, eval_batch_size)
+            state["pre"]["batch"] = -1
+            write_json_atomic(logp, state)
+        history, start = EditHistory(), len(state["batches"])
+        if statep.is_file() or start:                              # resume from the saved weights and history
+            weights, history, b, row = _load_state(statep, histp, fp)
+            if b not in (start - 1, start):
+                raise ValueError(f"{statep} holds batch {b}, the log of {out_dir} {start} batch(es): not one run")
+            for l in layers: adapter.write_weight(l, weights[f"layer.{l}"])
+            if b == start:                                         # killed between the state and the log: adopt it
+                log(f"{out_dir.name}: adopting the saved state of batch {b}, which the log had not recorded yet")
+                commit(b, row)
+            start = len(state["batches"])
+            if start: log(f"resuming {out_dir.name} after batch {start - 1} ({start * B} edits)")
+        t0 = time.perf_counter()
         for b in range(start, n_batches):
             tb = time.perf_counter()
             recs = records[b * B:(b + 1) * B]
@@ -142,18 +195,9 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
             row = {"batch": b, "seconds": time.perf_counter() - tb, "seconds_values": e.diagnostics["times"]["values"],
                    "z_steps_mean": sum(e.diagnostics["z_steps"]) / len(recs),
                    "batch_delta_norm": {str(l): float(d.norm()) for l, d in e.deltas.items()}}
-            save_tensors(statep, {f"layer.{l}": adapter.read_weight(l) for l in layers}, {"batch": b, "fingerprint": fp})
-            history.save(histp)
-            state["batches"].append(row)
-            if b == 0 or (b + 1) % eval_every == 0 or b == n_batches - 1:
-                ck = _checkpoint(model, tok, records, b, B, adapter, layers, W0, ppl_texts, eval_batch_size)
-                state["checkpoints"].append(ck)
-                s = ck["all"]
-                log(f"{out_dir.name} batch {b + 1}/{n_batches}: {ck['n_edits']} edits ES {s['efficacy_score']['mean']:.1f} "
-                    f"PS {s['paraphrase_score']['mean']:.1f} NS {s['neighborhood_score']['mean']:.1f} | first batch ES "
-                    f"{ck['first_batch']['efficacy_score']['mean']:.1f} | ‖W−W0‖ {ck['delta_norm']:.1f}"
-                    + (f" | PPL {ck['perplexity']:.2f}" if "perplexity" in ck else ""))
-            write_json_atomic(logp, state)
+            _save_state(statep, adapter, layers, history, b, fp, row)
+            histp.unlink(missing_ok=True)                          # the older layout's history file, now superseded
+            commit(b, row)
             if time_budget is not None and time.perf_counter() - t0 > time_budget and b < n_batches - 1:
                 log(f"{out_dir.name}: time budget reached after {b + 1} batches; rerun to continue"); break
     finally:
@@ -288,6 +332,7 @@ def lifelong_fluency(model, tok, out_dir, prompts: Sequence[str], *, max_out_len
         tensors, meta = load_tensors(run.out_dir / "state.safetensors")
         if meta.get("fingerprint") != state["fingerprint"] or meta.get("batch") != len(run.batches) - 1:
             raise ValueError(f"{run.out_dir}/state.safetensors does not match its log.json")
+        tensors = {k: t for k, t in tensors.items() if k.startswith("layer.")}       # the weights, not the history
         states[name] = (tensors, len(run.batches) * state["identity"]["batch_size"])
     path = out_dir / "fluency.json"
     old = read_json(path) or {}

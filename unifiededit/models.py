@@ -154,6 +154,11 @@ class ModelAdapter:
     n_layers: int = field(init=False)
 
     def __post_init__(self):
+        for kind in ("layer", "rewrite", "mlp", "attn"):
+            tmp = getattr(self, f"{kind}_module_tmp")
+            if not isinstance(tmp, str) or tmp.count("{}") != 1:
+                raise ValueError(f"{kind}_module_tmp={tmp!r} must hold one '{{}}' where the layer index goes, "
+                                 "e.g. 'model.layers.{}.mlp.down_proj'")
         self._modules = dict(self.model.named_modules())
         self.n_layers = 0
         while self.layer_module_tmp.format(self.n_layers) in self._modules: self.n_layers += 1

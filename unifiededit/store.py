@@ -100,7 +100,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
+        with open(tmp, "xb"): pass                        # created as any new file is: its mode follows the umask
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)                               # kept if the writer re-created the file (safetensors: 0600)
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .data import EditRecord
+from .data import EditRecord, record_digest
 from .editing import Timer, edit, value_hook
 from .hparams import HParams
 from .keys import ContextTemplates
 from .metrics import evaluate
 from .models import ModelAdapter, execution_device
 from .stats import collect_key_stats
-from .store import (check_choice, clean_stale_temps, digest, load_tensors, read_json, save_tensors,
+from .store import (check_choice, check_int, check_real, clean_stale_temps, digest, load_tensors, read_json, save_tensors,
                                tensors_digest, tokenizer_fingerprint, write_json_atomic)
 from .value_cache import ValueCache, cached_target_values, model_key
 from .sweep_config import (BATCH_FORMAT, SweepConfig, SweepRun, _num, _slim_records, default_layer_modes,
@@ -69,8 +69,16 @@ class _Planned:
     done: set = field(default_factory=set)                  # indices of the finished batches
 
 
-def _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval) -> tuple[list, list, dict]:
-    "(records, methods, layer mode -> layers), checked."
+def _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval, batch_sizes, max_batches,
+                       time_budget, eval_batch_size) -> tuple[list, list, dict]:
+    "(records, methods, layer mode -> layers), checked, with every number of the sweep."
+    if isinstance(batch_sizes, (str, int)) or not list(batch_sizes): raise ValueError(
+        f"batch_sizes must be a non-empty list of integers, got {batch_sizes!r}")
+    for b in batch_sizes: check_int("batch size", b, low=1)
+    if max_batches is not None: check_int("max_batches", max_batches, low=1)
+    if time_budget is not None: check_real("time_budget", time_budget, nonnegative=True)
+    check_int("eval_batch_size", eval_batch_size, low=1)
+    if isinstance(methods, str) or not list(methods): raise ValueError(f"methods must be a non-empty list, got {methods!r}")
     records = list(records)
     if not records: raise ValueError("no records to edit")
     if not all(isinstance(r, EditRecord) for r in records):
@@ -138,10 +146,19 @@ def _pre_evaluation(model, tok, records, out_dir: Path, identity: dict, eval_set
                              f"({pre.get('model')!r}); use another out_dir or overwrite=True")
         pre = None
     pre = pre or {"format": "unifiededit.sweep.pre/1", "fingerprint": fp, "model": identity["model"], "records": {}}
+    content = pre.setdefault("content", {})                    # case_id -> record_digest (older files: none yet)
+    clash = [r.case_id for r in records if content.get(str(r.case_id), record_digest(r)) != record_digest(r)]
+    if clash:
+        if not overwrite:
+            raise ValueError(f"{out_dir} holds results of other records with the same case_ids (e.g. {clash[:3]}): "
+                             "another data set; use another out_dir, or overwrite=True to discard them")
+        pre = {**pre, "records": {}, "content": {}}; content = pre["content"]
     todo = [r for r in records if str(r.case_id) not in pre["records"]]
     if todo:
         run = evaluate(model, tok, todo, batch_size=eval_settings["batch_size"])
         for r in _slim_records(run): pre["records"][str(r["case_id"])] = r
+    if todo or any(str(r.case_id) not in content for r in records):
+        content.update({str(r.case_id): record_digest(r) for r in records})
         write_json_atomic(out_dir / "pre.json", pre)
 
 # %% ../nbs/23_sweep.ipynb #0bdc9e16
@@ -149,7 +166,11 @@ def _finished(path: Path, fingerprint: str, recs) -> bool:
     "Whether `path` holds a valid result of this configuration for exactly these records."
     f = read_json(path)
     return bool(f) and f.get("format") == BATCH_FORMAT and f.get("fingerprint") == fingerprint \
-        and f.get("case_ids") == [r.case_id for r in recs]
+        and f.get("case_ids") == [r.case_id for r in recs] \
+        and f.get("records_digest", _batch_digest(recs)) == _batch_digest(recs)     # older files have none
+
+
+def _batch_digest(recs) -> str: return digest([record_digest(r) for r in recs])[:16]
 
 
 def _plan(p: _Planned, out_dir: Path, identity: dict, stats_id: dict, eval_settings: dict, sequential_eval: str,
@@ -168,8 +189,20 @@ def _plan(p: _Planned, out_dir: Path, identity: dict, stats_id: dict, eval_setti
                              "out_dir, or overwrite=True to discard them")
         shutil.rmtree(p.folder)
         shutil.rmtree(out_dir / ".state" / p.cfg.name, ignore_errors=True)
-    if not (p.folder / "config.json").is_file():
-        write_json_atomic(p.folder / "config.json", {"fingerprint": p.fingerprint, "description": desc})
+    planned = [_batch_digest(recs) for recs in p.batches]
+    old = read_json(p.folder / "config.json")
+    known = (old or {}).get("batches", [])                        # the records of every batch run here so far
+    if any(a != b for a, b in zip(known, planned)):               # the same settings, other records in a batch
+        if not overwrite:
+            j = next(j for j, (a, b) in enumerate(zip(known, planned)) if a != b)
+            raise ValueError(f"{p.folder} holds results of these settings on other records (batch {j} differs: another "
+                             "sample, order or data set); use another out_dir, or overwrite=True to discard them")
+        shutil.rmtree(p.folder)
+        shutil.rmtree(out_dir / ".state" / p.cfg.name, ignore_errors=True)
+        old, known = None, []
+    if old is None or len(planned) > len(known):                  # a longer plan extends the folder's
+        write_json_atomic(p.folder / "config.json", {"fingerprint": p.fingerprint, "description": desc,
+                                                      "batches": planned if len(planned) > len(known) else known})
     finished = [_finished(p.folder / f"batch_{b:05d}.json", p.fingerprint, recs) for b, recs in enumerate(p.batches)]
     if p.cfg.sequential: p.done = set(range(finished.index(False) if False in finished else len(finished)))
     else: p.done = {b for b, ok in enumerate(finished) if ok}
@@ -322,7 +355,8 @@ def batch(self: _SweepLoop, p: _Planned, b: int, recs: list) -> dict:
         result = {"format": BATCH_FORMAT, "fingerprint": p.fingerprint,
                   "config": {**cfg.to_dict(), "emmet_lambda": p.hp.emmet_lambda if cfg.method == "emmet" else None,
                              "sequential_eval": self.sequential_eval if seq else None},
-                  "batch": b, "case_ids": [r.case_id for r in recs], "evaluated_after_edits": len(ev),
+                  "batch": b, "case_ids": [r.case_id for r in recs], "records_digest": _batch_digest(recs),
+                  "evaluated_after_edits": len(ev),
                   "records": _slim_records(run), "diagnostics": diag}
     result["seconds"] = {"values": sum(e.diagnostics["times"].get("values", 0.0) for e in es),
                          "edit": timer.times["edit"], "eval": timer.times["eval"], "total": timer.times["total"]}
@@ -355,7 +389,8 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
     `on_batch(result)` is called after each batch file is written. Device-agnostic: runs where the model is.
     """
     timer, budget = Timer(), _Budget(time_budget)
-    records, methods, layers = _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval)
+    records, methods, layers = _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_eval,
+                                                  batch_sizes, max_batches, time_budget, eval_batch_size)
     grid, skipped = _grid(model, records, methods, layer_modes, layers, batch_sizes, sequential, hparams,
                           dict(overrides or {}), emmet_lambda_b1, max_batches)
     out_dir = Path(out_dir)

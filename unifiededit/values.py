@@ -24,6 +24,17 @@ __all__ = ['KL_PROMPT', 'HOOKS', 'ValueConfig', 'target_token_ids', 'ValuePrompt
            'TargetValues', 'frozen_eval', 'compute_target_values_serial']
 
 # %% ../nbs/12_values.ipynb #f47d6c57
+def _check_prob_cutoff(p) -> float:
+    "MPES's `prob_cutoff`: a negative whole number -k (k evaluations at the argmax) or a probability in (0, 1)."
+    p = check_real("prob_cutoff", p)
+    if p < 0 and p != int(p):
+        raise ValueError(f"prob_cutoff={p!r}: a negative prob_cutoff counts evaluations (-k), so it must be a whole number")
+    if p == 0 or p >= 1:
+        raise ValueError(f"prob_cutoff={p!r}: a positive prob_cutoff is a probability and must lie in (0, 1) "
+                         "(or give -k to stop after k evaluations with every target the argmax)")
+    return p
+
+
 @dataclass(frozen=True)
 class ValueConfig(Config):
     """The settings that determine a target value (upstream `compute_z`'s names and defaults).
@@ -46,7 +57,7 @@ class ValueConfig(Config):
         for name in ("v_lr", "clamp_norm_factor"): check_real(name, getattr(self, name), positive=True)
         for name in ("kl_factor", "v_weight_decay"): check_real(name, getattr(self, name), nonnegative=True)
         check_real("early_stop_loss", self.early_stop_loss)
-        if self.prob_cutoff is not None: check_real("prob_cutoff", self.prob_cutoff)
+        if self.prob_cutoff is not None: _check_prob_cutoff(self.prob_cutoff)
         check_choice("precision", self.precision, PRECISIONS)
 
 # %% ../nbs/12_values.ipynb #b83c6781
