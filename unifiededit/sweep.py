@@ -299,7 +299,7 @@ class _SweepLoop:
 @patch
 def run(self: _SweepLoop, p: _Planned) -> None:
     "The unfinished batches of `p`, in order."
-    if p.cfg.sequential and p.done: self._resume(p)
+    if p.cfg.sequential and p.done and len(p.done) < len(p.batches): self._resume(p)    # work left to do
     for b, recs in enumerate(p.batches):
         if b in p.done: continue
         if self.budget.over(len(recs)): self.stopped = "time budget"; return
@@ -404,8 +404,8 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
         with timer("templates"): _sweep_templates(model, tok, grid)
         identity = {"model": model_key(model), "tokenizer": tokenizer_fingerprint(tok)}
         eval_settings = {"batch_size": eval_batch_size, "suites": "default", "generation": False}
-        with timer("pre_eval"): _pre_evaluation(model, tok, records, out_dir, identity, eval_settings, overwrite)
         for p in grid: _plan(p, out_dir, identity, _stats_digest(stats, all_layers), eval_settings, sequential_eval, overwrite)
+        with timer("pre_eval"): _pre_evaluation(model, tok, records, out_dir, identity, eval_settings, overwrite)
         n_total, n_existing = sum(len(p.batches) for p in grid), sum(len(p.done) for p in grid)
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(len(r) for p in grid for r in p.batches), unit="edit", disable=not progress,

@@ -1,0 +1,408 @@
+"""Bad input is refused with an error naming the argument and its value, before a weight or a file is written; runs
+killed at any point resume to the result of an uninterrupted run (issue 20, part 2, and the adversarial probe that
+followed it). Each test fails on the code before that issue."""
+import contextlib
+import io
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import unifiededit as ue
+import unifiededit.lifelong as ll
+import unifiededit.sweep as sw
+from unifiededit.cli import main
+from unifiededit.data import EditRecord, load_dataset
+from unifiededit.editing import _solve
+from unifiededit.general import encore_update
+from unifiededit.history import Edit
+from unifiededit.models import ModelAdapter
+from unifiededit.objective import emmet_update, memit_update
+from unifiededit.stats import collect_key_stats
+from unifiededit.tiny import _TINY_TEXT, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 3
+REQ = {"prompt": "The answer to the question is {}", "subject": "LeBron James", "target_new": {"str": "football"}}
+
+
+def records(n=4, start=0, prompt="The answer to the question is {}"):
+    subjects = ["The Eiffel Tower", "LeBron James", "Danielle Darrieux", "Toko Yasuda", "Thomas Joannes Stieltjes",
+                "Michael Jordan", "Steve Jobs", "Barack Obama"]
+    targets = ["Rome", "football", "English", "piano", "Dutch", "Apple", "Japan", "Canada"]
+    return [EditRecord(start + i, s, prompt, targets[i], "Paris", paraphrase_prompts=(f"We now know the answer is {s}",),
+                       neighborhood_prompts=("The answer to the question is Mars",), neighborhood_answers=("Paris",))
+            for i, s in enumerate(subjects[:n])]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m, t = tiny_model("llama", initializer_range=0.1), tiny_tokenizer("sentencepiece")
+    st = collect_key_stats(m, t, [0, 1, 2, 3], [_TINY_TEXT], n_tokens=1000, max_length=64, progress=False)
+    return m, t, st
+
+
+def weights(m): return {n: p.detach().clone() for n, p in m.named_parameters()}
+def same(m, w): return all(torch.equal(p, w[n]) for n, p in m.named_parameters())
+
+
+# ---------------------------------------------------------------- hyper-parameters
+def _problem(d=6, E=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return A @ A.T / (3 * d), torch.randn(d, E, generator=g, dtype=torch.float64), torch.randn(4, E, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet"])
+def test_update_norm_lambda_is_applied_as_upstream(method):
+    "C = λ C0 + μ I for MEMIT and EMMET (upstream memit_main/emmet_main: cov *= λ; cov += μ I), not ignored."
+    C0, K, R = _problem()
+    lam, mu = 2.0, 0.7
+    hp = ue.HParams(method=method, layers=[0], mom2_update_weight=lam, update_norm_lambda=mu, emmet_lambda=0.1)
+    got, _ = _solve(hp, C0, K, R)
+    C = lam * C0 + mu * torch.eye(6, dtype=torch.float64)
+    want = (memit_update(C, K, R) if method == "memit" else emmet_update(C, K, R, emmet_lambda=0.1))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    without, _ = _solve(hp.replace(update_norm_lambda=0.0), C0, K, R)
+    assert (got - without).norm() > 1e-3 * without.norm()
+    if method == "memit":                                   # MEMIT with μ is ENCORE without a history
+        torch.testing.assert_close(got, encore_update(C0, K, R, mom2_update_weight=lam, update_norm_lambda=mu),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_update_norm_lambda_from_an_upstream_file_reaches_the_edit(setup, tmp_path):
+    m, t, st = setup
+    for method in ("EMMET", "MEMIT"):
+        f = tmp_path / method / "x.json"; f.parent.mkdir()
+        f.write_text(json.dumps({"layers": [1], "update_norm_lambda": 5.0, "v_num_grad_steps": STEPS}))
+        hp = ue.HParams.from_file(f)
+        assert hp.update_norm_lambda == 5.0
+        w0 = weights(m)
+        e1 = ue.edit(m, t, [REQ], hparams=hp, stats=st, progress=False); d1 = e1.deltas[1].clone(); e1.revert()
+        e0 = ue.edit(m, t, [REQ], hparams=hp.replace(update_norm_lambda=0.0), stats=st, progress=False)
+        d0 = e0.deltas[1].clone(); e0.revert()
+        assert same(m, w0) and not torch.allclose(d1, d0)
+
+
+@pytest.mark.parametrize("method", ["rome", "alphaedit"])
+def test_update_norm_lambda_refused_where_no_method_has_it(method):
+    kw = dict(nullspace_relative=0.01) if method == "alphaedit" else {}
+    with pytest.raises(ValueError, match=f"update_norm_lambda=0.5: {method} has no norm penalty"):
+        ue.HParams(method=method, layers=[1], update_norm_lambda=0.5, **kw)
+
+
+@pytest.mark.parametrize("bad, needle", [(1.5, "prob_cutoff=1.5: a positive prob_cutoff is a probability"),
+                                         (-2.5, "prob_cutoff=-2.5: .* whole number"), (0, "must lie in \\(0, 1\\)"),
+                                         (float("nan"), "prob_cutoff must be finite")])
+def test_prob_cutoff_is_a_probability_or_a_count(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        ue.HParams(method="encore", layers=[1], prob_cutoff=bad)
+    assert ue.HParams(method="encore", layers=[1], prob_cutoff=-3).prob_cutoff == -3
+
+
+# ---------------------------------------------------------------- edit()
+@pytest.mark.parametrize("kw, exc, needle", [
+    (dict(history={"gram": None}), TypeError, "history must be an EditHistory .*got dict"),
+    (dict(stats="stats"), TypeError, "stats must be a mapping"),
+    (dict(method=1), TypeError, "method must be a str, got 1"),
+    (dict(hparams={"layers": [1]}), TypeError, "hparams must be an HParams"),
+    (dict(v_lrate=0.1), TypeError, r"unknown hyper-parameter\(s\) \['v_lrate'\]"),
+    (dict(rewrite_module_tmp="model.layers.0.mlp.down_proj", method="memit", layers=[0, 1]), ValueError,
+     "must hold one '\\{\\}'"),
+])
+def test_edit_refuses_bad_arguments_before_writing(setup, kw, exc, needle):
+    m, t, st = setup
+    w0 = weights(m)
+    kw = {"stats": st, **kw}
+    with pytest.raises(exc, match=needle):
+        ue.edit(m, t, [REQ], progress=False, v_num_grad_steps=STEPS, **kw) if "hparams" not in kw else \
+            ue.edit(m, t, [REQ], progress=False, **kw)
+    assert same(m, w0)
+
+
+def test_requests_with_one_key_warn_or_are_refused_before_the_values(setup, monkeypatch):
+    "Same text up to the subject's end = same key: exact EMMET refuses any two (before computing values), others warn."
+    m, t, st = setup
+    import unifiededit.editing as ed
+    calls = []
+    monkeypatch.setattr(ed, "_target_values", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(RuntimeError))
+    same_key = [REQ, {**REQ, "prompt": "The answer to the question is {}, surely", "target_new": {"str": "Rome"}}]
+    for reqs in (same_key, [REQ, REQ]):
+        with pytest.raises(ValueError, match="have the same key"):
+            ue.edit(m, t, reqs, method="emmet", emmet_lambda=0.0, stats=st, progress=False)
+    assert calls == []
+    with pytest.warns(UserWarning, match="memit writes a compromise"), pytest.raises(RuntimeError):
+        ue.edit(m, t, same_key, method="memit", stats=st, progress=False)
+
+
+def test_edits_unstack_last_in_first_out(setup):
+    m, t, st = setup
+    w0 = weights(m)
+    kw = dict(method="emmet", stats=st, progress=False, v_num_grad_steps=STEPS)
+    e1 = ue.edit(m, t, [REQ], **kw)
+    e2 = ue.edit(m, t, [{**REQ, "subject": "Michael Jordan", "target_new": {"str": "Apple"}}], **kw)
+    w12 = weights(m)
+    with pytest.raises(RuntimeError, match="revert the later edits first"):
+        e1.revert()
+    assert same(m, w12) and e1.applied and e2.applied
+    e2.revert(); e1.revert()
+    assert same(m, w0)
+
+
+def test_an_edit_knows_its_base_from_the_start(setup, tmp_path):
+    "The base fingerprint is taken when the edit is made, so an edit re-applied on other weights is refused."
+    m, t, st = setup
+    kw = dict(method="emmet", stats=st, progress=False, v_num_grad_steps=STEPS)
+    e1 = ue.edit(m, t, [REQ], **kw); e1.revert()
+    e2 = ue.edit(m, t, [{**REQ, "subject": "Michael Jordan", "target_new": {"str": "Apple"}}], **kw)
+    w = weights(m)
+    with pytest.raises(ValueError, match="computed on weights with fingerprint"):
+        e1.apply()                                          # the model now carries e2
+    assert same(m, w)
+    path = e1.save(tmp_path / "e1.safetensors")
+    e2.revert()
+    ue.Edit.load(path).apply(m).revert()                    # its own base: accepted
+
+
+def test_non_finite_deltas_are_refused(setup, tmp_path):
+    m, t, _ = setup
+    ad = ModelAdapter.from_model(m)
+    w0 = weights(m)
+    bad = Edit("emmet", {1: torch.full(tuple(ad.weight(1).shape), float("inf"))}, {1: ad.name("rewrite", 1)})
+    with pytest.raises(ValueError, match="layer 1: the delta contains NaN or inf"):
+        bad.apply(m)
+    with pytest.raises(ValueError, match="nothing was written"):
+        bad.save(tmp_path / "bad.safetensors")
+    assert same(m, w0) and not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(ValueError, match="module_names cover layers"):
+        Edit("emmet", {1: torch.zeros(tuple(ad.weight(1).shape))}, {}).apply(m)
+
+
+def test_alphaedit_history_keeps_one_projector_and_only_after_success(setup, monkeypatch):
+    m, t, st = setup
+    import unifiededit.editing as ed
+    hp = ue.HParams.for_model(m, "alphaedit", nullspace_relative=0.3, v_num_grad_steps=STEPS)
+    h = ue.EditHistory()
+    ue.edit(m, t, [REQ], hparams=hp, history=h, stats=st, progress=False).revert()
+    with pytest.raises(ValueError, match="was built with .*'nullspace_relative': 0.3.* asks for .*0.9"):
+        ue.edit(m, t, [REQ], hparams=hp.replace(nullspace_relative=0.9), history=h, stats=st, progress=False)
+    h2, orig, n = ue.EditHistory(), ed._residual, [0]
+    def fail_second(*a, **k):
+        n[0] += 1
+        if n[0] == 2: raise RuntimeError("fails at the second layer")
+        return orig(*a, **k)
+    monkeypatch.setattr(ed, "_residual", fail_second)
+    w0 = weights(m)
+    with pytest.raises(RuntimeError, match="second layer"):
+        ue.edit(m, t, [REQ], hparams=hp, history=h2, stats=st, progress=False)
+    assert (len(h2), h2.grams, h2.nullspaces) == (0, {}, {}) and same(m, w0)
+
+
+# ---------------------------------------------------------------- data
+def test_records_that_cannot_be_edited_are_refused_at_load(tmp_path):
+    ee = lambda **o: {"case_id": 0, "prompt": "The answer is A", "subject": "A", "target_new": "x", "ground_truth": "y", **o}
+    for rec, needle in ((ee(target_new=""), "target_new must be a non-empty string"),
+                        (ee(target_new="  "), "target_new must be a non-empty string"),
+                        (ee(subject=" ", prompt="The answer is  "), "has an empty subject"),
+                        (ee(prompt="A {} B"), "already holds '\\{\\}'")):
+        p = tmp_path / "d.json"; p.write_text(json.dumps([rec]))
+        with pytest.raises(ValueError, match=needle):
+            load_dataset(p)
+
+
+# ---------------------------------------------------------------- lifelong runs
+def _lifelong(m, t, st, out, recs=None, **kw):
+    hp = kw.pop("hparams", None) or ue.HParams.for_model(m, "encore", v_num_grad_steps=STEPS)
+    kw = {"batch_size": 2, "eval_every": 2, **kw}
+    return ll.run_lifelong(m, t, recs if recs is not None else records(6), out, hparams=hp, stats=st,
+                           log=lambda *a: None, **kw)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(batch_size=0), "batch_size must be >= 1"), (dict(batch_size=7), "batch_size=7 is larger than the 6 records"),
+    (dict(eval_every=0), "eval_every must be >= 1"), (dict(eval_every=-1), "eval_every must be >= 1"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"), (dict(time_budget=-1.0), "time_budget"),
+    (dict(batch_size=2.5), "batch_size must be an integer"),
+])
+def test_lifelong_refuses_bad_settings_before_anything_is_written(setup, tmp_path, kw, needle):
+    m, t, st = setup
+    w0 = weights(m)
+    with pytest.raises((ValueError, TypeError), match=needle):
+        _lifelong(m, t, st, tmp_path / "run", **kw)
+    assert not (tmp_path / "run").exists() and same(m, w0)
+
+
+def test_lifelong_refuses_rome_batches_and_missing_stats_layers(setup, tmp_path):
+    m, t, st = setup
+    with pytest.raises(ValueError, match="ROME edits one fact at a time: batch_size must be 1"):
+        _lifelong(m, t, st, tmp_path / "r", hparams=ue.HParams.for_model(m, "rome"))
+    with pytest.raises(ValueError, match=r"stats lack the edited layer\(s\) \[1\]"):
+        _lifelong(m, t, {0: st[0]}, tmp_path / "s", hparams=ue.HParams.for_model(m, "encore", layers=[0, 1]))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_lifelong_warns_about_records_left_out(setup, tmp_path):
+    m, t, st = setup
+    with pytest.warns(UserWarning, match="1 of the 5 records do not fill a last batch of 2"):
+        run = _lifelong(m, t, st, tmp_path / "run", recs=records(5), eval_every=4)
+    assert run.complete and run.checkpoints[-1]["n_edits"] == 4
+
+
+def _comparable(log: dict) -> dict:
+    "A lifelong log without its timings."
+    drop = lambda d: {k: (drop(v) if isinstance(v, dict) else v) for k, v in d.items() if not k.startswith("seconds")}
+    return {k: ([drop(r) for r in v] if isinstance(v, list) else drop(v) if isinstance(v, dict) else v)
+            for k, v in log.items()}
+
+
+class _Killed(BaseException):
+    "Stands for the process being killed (BaseException: no handler of the code under test catches it)."
+
+
+@pytest.mark.parametrize("method", ["encore", "alphaedit"])
+def test_lifelong_killed_at_every_write_resumes_to_the_same_log(setup, tmp_path, monkeypatch, method):
+    """The run is killed before each of its writes in turn (the n-th write of a state or of the log) and then resumed;
+    every resumed run ends with the log, state and history of an uninterrupted one."""
+    m, t, st = setup
+    hp = ue.HParams.for_model(m, method, v_num_grad_steps=STEPS, **({"nullspace_relative": 0.3} if method == "alphaedit" else {}))
+    w0 = weights(m)
+    ref = _lifelong(m, t, st, tmp_path / "ref", hparams=hp)
+    ref_log = json.loads((tmp_path / "ref" / "log.json").read_text())
+    from unifiededit.store import load_tensors
+    ref_state = load_tensors(tmp_path / "ref" / "state.safetensors")[0]
+    real_json, real_tensors = ll.write_json_atomic, ll.save_tensors
+    n_writes = 1 + 2 * 3                                    # the pre-evaluation, then state + log for 3 batches
+    for k in range(n_writes):
+        out = tmp_path / f"killed{k}"
+        count = [0]
+        def counted(real):
+            def write(*a, **kw):
+                if count[0] == k: raise _Killed()
+                count[0] += 1
+                return real(*a, **kw)
+            return write
+        monkeypatch.setattr(ll, "write_json_atomic", counted(real_json))
+        monkeypatch.setattr(ll, "save_tensors", counted(real_tensors))
+        with pytest.raises(_Killed):
+            _lifelong(m, t, st, out, hparams=hp)
+        assert same(m, w0)                                  # the caller's model is unedited even then
+        monkeypatch.setattr(ll, "write_json_atomic", real_json)
+        monkeypatch.setattr(ll, "save_tensors", real_tensors)
+        run = _lifelong(m, t, st, out, hparams=hp)
+        assert run.complete, k
+        assert _comparable(json.loads((out / "log.json").read_text())) == _comparable(ref_log), k
+        state = load_tensors(out / "state.safetensors")[0]
+        assert set(state) == set(ref_state) and all(torch.equal(state[n], ref_state[n]) for n in state), k
+        assert same(m, w0)
+
+
+def test_lifelong_refuses_other_records_with_the_same_case_ids(setup, tmp_path):
+    m, t, st = setup
+    _lifelong(m, t, st, tmp_path / "run", recs=records(4), eval_every=4)
+    with pytest.raises(ValueError, match="holds another lifelong run"):
+        _lifelong(m, t, st, tmp_path / "run", recs=records(4, prompt="The best known example is {}"), eval_every=4)
+
+
+def test_lifelong_refuses_a_state_of_another_run(setup, tmp_path):
+    m, t, st = setup
+    _lifelong(m, t, st, tmp_path / "a", recs=records(4), eval_every=4)
+    _lifelong(m, t, st, tmp_path / "b", recs=records(4, start=10), eval_every=4)
+    shutil.copy(tmp_path / "b" / "state.safetensors", tmp_path / "a" / "state.safetensors")
+    with pytest.raises(ValueError, match="belongs to another run"):
+        _lifelong(m, t, st, tmp_path / "a", recs=records(4), eval_every=4)
+
+
+# ---------------------------------------------------------------- sweeps
+def _sweep(m, t, st, out, recs, **kw):
+    kw = {"methods": ("emmet",), "batch_sizes": (2,), "layer_modes": ("single",), "stats": st, "value_cache": None,
+          "overrides": {"v_num_grad_steps": STEPS}, "progress": False, "log": None, **kw}
+    return sw.run_sweep(m, t, recs, out, **kw)
+
+
+def test_sweep_refuses_other_records_with_the_same_case_ids(setup, tmp_path):
+    m, t, st = setup
+    _sweep(m, t, st, tmp_path / "s", records(4))
+    with pytest.raises(ValueError, match="holds results of these settings on other records"):
+        _sweep(m, t, st, tmp_path / "s", records(4, prompt="The best known example is {}"))
+    with pytest.raises(ValueError, match="holds results of other records with the same case_ids"):   # another grid
+        _sweep(m, t, st, tmp_path / "s", records(4, prompt="The best known example is {}"), methods=("memit",))
+    assert not (tmp_path / "s" / "memit-single-B2").exists() or not list((tmp_path / "s" / "memit-single-B2").glob("batch_*"))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sweep_refuses_another_sample_in_a_configuration(setup, tmp_path, sequential):
+    m, t, st = setup
+    _sweep(m, t, st, tmp_path / "s", records(8), sequential=sequential)
+    with pytest.raises(ValueError, match="holds results of these settings on other records \\(batch 0 differs"):
+        _sweep(m, t, st, tmp_path / "s", records(4, start=100), sequential=sequential)
+    run = _sweep(m, t, st, tmp_path / "s", records(8), max_batches=2, sequential=sequential)   # a shorter plan: fine
+    assert run.complete and run.n_new == 0
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(max_batches=0), "max_batches must be >= 1"), (dict(batch_sizes=(2.7,)), "batch size must be an integer"),
+    (dict(batch_sizes=(0,)), "batch size must be >= 1"), (dict(time_budget=-1.0), "time_budget"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"), (dict(batch_sizes=()), "non-empty list"),
+])
+def test_sweep_refuses_bad_numbers_before_anything_is_written(setup, tmp_path, kw, needle):
+    m, t, st = setup
+    with pytest.raises((ValueError, TypeError), match=needle):
+        _sweep(m, t, st, tmp_path / "s", records(4), **kw)
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------- the command line
+def _refused(argv) -> str:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: code = main(argv)
+        except SystemExit as e: code = e.code
+    assert code == 2, (argv, err.getvalue())
+    return err.getvalue()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sweep", "--batch-sizes", "0,4"], "expected integers >= 1, got '0,4'"),
+    (["sweep", "--methods", "foo"], "unknown name 'foo'"),
+    (["sweep", "--methods", "alphaedit"], "unknown name 'alphaedit'"),
+    (["sweep", "--layer-modes", "weird"], "unknown name 'weird'"),
+    (["sweep", "--multi-layers", "x"], "expected comma-separated integers"),
+    (["sweep", "--max-batches", "0"], "expected an integer >= 1"),
+    (["sweep", "--single-layer", "-1"], "expected an integer >= 0"),
+    (["sweep", "--emmet-lambda", "-1"], ">= 0"),
+    (["sweep", "--mom2-update-weight", "0"], "> 0"),
+    (["sweep", "--time-budget", "-5"], ">= 0"),
+    (["sweep", "--eval-batch-size", "0"], "expected an integer >= 1"),
+    (["sweep", "--corpus", "/nonexistent.txt"], "no file at '/nonexistent.txt'"),
+    (["lifelong", "--methods", "memit,foo"], "unknown name 'foo'"),
+    (["lifelong", "--methods", "rome:bogus"], "rome takes no variant 'bogus'"),
+    (["lifelong", "--eval-every", "0"], "expected an integer >= 1"),
+    (["lifelong", "--n-records", "0"], "expected an integer >= 1"),
+    (["lifelong", "--batch-size", "0"], "expected an integer >= 1"),
+    (["lifelong", "--ppl-text", "/nonexistent.txt"], "no file at"),
+    (["lifelong", "--layers", "x"], "expected comma-separated integers"),
+    (["edit", "--prompt", "no placeholder"], "exactly one '{}'"),
+    (["edit", "--prompt", "{} and {}"], "exactly one '{}'"),
+    (["edit", "--prompt", "{0} is {x}"], "exactly one '{}'"),
+    (["edit", "--target", " "], "target_new"),
+    (["edit", "--layers", "a,b"], "expected comma-separated integers"),
+    (["edit", "--max-new-tokens", "-3"], "expected an integer >= 1"),
+    (["edit", "--hparams", "/nonexistent.json"], "no file at"),
+    (["demo", "--corpus", "/nonexistent.txt"], "no file at"),
+])
+def test_cli_checks_every_option_before_loading_anything(argv, needle, monkeypatch, tmp_path):
+    import unifiededit.pretrained as pre
+    monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: pytest.fail(f"loaded a model for {argv}"))
+    base = {"sweep": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o")],
+            "lifelong": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o"), "--corpus",
+                         "sample:wikitext-2-test"],
+            "edit": ["--model", "m", "--prompt", "{} is in", "--subject", "X", "--target", "Y"], "demo": []}[argv[0]]
+    given = {a for a in argv[1:] if a.startswith("--")}
+    kept, i = [], 0
+    while i < len(base):                                     # the base options the test does not replace
+        if base[i] in given: i += 2; continue
+        kept.append(base[i]); i += 1
+    assert needle in _refused([argv[0], *kept, *argv[1:]])
+    assert not (tmp_path / "o").exists()
