@@ -97,8 +97,8 @@ def is_sample_ref(x) -> bool:
 def data_path(x: str | os.PathLike) -> Path:
     """A path from a path or a `'sample:NAME'` reference (the verified bundled file).
 
-    >>> data_path("sample:zsre-1k").name, data_path("my/file.json")
-    ('zsre_mend_train-1k.json', PosixPath('my/file.json'))
+    >>> data_path("sample:zsre-1k").name, str(data_path("my/file.json"))
+    ('zsre_mend_train-1k.json', 'my/file.json')
     """
     if is_sample_ref(x): return sample_path(x[len(SAMPLE_PREFIX):])
     return Path(x).expanduser()

@@ -271,8 +271,10 @@ def _tied_output_embedding(model: nn.Module) -> str | None:
 
 
 def model_fingerprint(model: nn.Module, replace: dict[str, torch.Tensor] | None = None) -> str:
-    """16 hex digits identifying a model's architecture, config and every parameter value (exact, device-independent,
-    offloaded parameters included). `replace`: parameter name -> values to use instead of the model's (the
+    """16 hex digits identifying a model's architecture, config and parameter values (device-independent, offloaded
+    parameters included): per tensor, its name, shape, dtype, the sum of its elements' bit patterns and 1,024 evenly
+    spaced elements. Any change of a value changes the sum unless it is exactly compensated elsewhere — a permutation
+    of unsampled elements is not seen; a fingerprint of every byte would cost a full pass over the weights per call. `replace`: parameter name -> values to use instead of the model's (the
     fingerprint the model *would* have).
 
     >>> model_fingerprint(tiny_model('gpt2')) == model_fingerprint(tiny_model('gpt2'))
