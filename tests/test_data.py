@@ -404,3 +404,8 @@ def test_snippets_and_tfidf(tmp_path):
     assert st.idf.dtype == np.float64 and st.vocab == {"cold": 0, "antarctica": 1}
     with pytest.raises(ValueError, match="outside idf"):
         TfidfStats(np.ones(2), {"x": 2})
+
+
+def test_a_missing_full_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data archive linked from EasyEdit's README"):
+        load_easyedit_counterfact(tmp_path / "counterfact-edit.json")

@@ -301,8 +301,12 @@ def load_counterfact(path: str | os.PathLike | None = None, *, multi: bool = Fal
 
 
 def load_easyedit_counterfact(paths: str | os.PathLike | Sequence, *, size: int | None = None) -> EditDataset:
-    "EasyEdit's CounterFact files (one or several, e.g. the train/val/edit splits), local only."
-    return load_dataset(paths, "easyedit", size=size)
+    "EasyEdit's CounterFact files (one or several, e.g. the train/val/edit splits) or the bundled validation split."
+    try: return load_dataset(paths, "easyedit", size=size)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. EasyEdit's CounterFact files (counterfact-train.json, counterfact-val.json, "
+                                "counterfact-edit.json) are in the data archive linked from EasyEdit's README; download "
+                                "them and pass their paths, or use 'sample:easyedit-counterfact-val'") from None
 
 
 def load_zsre(path: str | os.PathLike | None = None, *, target: str = "answers", size: int | None = None,
