@@ -406,3 +406,163 @@ def test_cli_checks_every_option_before_loading_anything(argv, needle, monkeypat
         kept.append(base[i]); i += 1
     assert needle in _refused([argv[0], *kept, *argv[1:]])
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the second probe
+def test_an_interrupted_apply_puts_back_what_it_wrote(setup, monkeypatch):
+    m, t, st = setup
+    import unifiededit.history as hist
+    e = ue.edit(m, t, [REQ], method="memit", layers=[1, 2], stats=st, progress=False, v_num_grad_steps=STEPS)
+    e.revert()
+    w0, real, n = weights(m), hist.write_delta, [0]
+    def second_fails(*a, **k):
+        n[0] += 1
+        if n[0] == 2: raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(hist, "write_delta", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        e.apply()
+    assert same(m, w0) and not e.applied
+    monkeypatch.setattr(hist, "write_delta", real)
+    e.apply().revert()
+    assert same(m, w0)
+
+
+def test_lifelong_refuses_duplicate_ids_and_a_string_of_text(setup, tmp_path):
+    m, t, st = setup
+    r = records(4)
+    dup = [r[0], r[1], EditRecord(0, "Steve Jobs", r[0].prompt, "Apple", "Paris"), r[3]]
+    with pytest.raises(ValueError, match="duplicate case_ids"):
+        _lifelong(m, t, st, tmp_path / "a", recs=dup)
+    with pytest.raises(TypeError, match="ppl_texts must be a list of strings, not a single string"):
+        _lifelong(m, t, st, tmp_path / "b", recs=r, ppl_texts=_TINY_TEXT)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    run = _lifelong(m, t, st, tmp_path / "c", recs=r, ppl_texts=(x for x in [_TINY_TEXT]), eval_every=4)
+    assert "perplexity" in run.pre                                   # a generator is read once, as a list
+
+
+def test_lifelong_never_writes_over_a_log_it_cannot_read(setup, tmp_path):
+    m, t, st = setup
+    out = tmp_path / "run"
+    _lifelong(m, t, st, out, recs=records(4), eval_every=4)
+    damaged = (out / "log.json").read_text()[:200]
+    (out / "log.json").write_text(damaged)
+    with pytest.raises(ValueError, match="log.json is unreadable .* while state.safetensors holds edited weights"):
+        _lifelong(m, t, st, out, recs=records(4), eval_every=4)
+    assert (out / "log.json").read_text() == damaged
+    (out / "log.json").unlink()
+    with pytest.raises(ValueError, match="log.json is missing while state.safetensors"):
+        _lifelong(m, t, st, out, recs=records(4), eval_every=4)
+
+
+def test_lifelong_refuses_a_log_edited_by_hand(setup, tmp_path):
+    m, t, st = setup
+    out = tmp_path / "run"
+    _lifelong(m, t, st, out)
+    log = json.loads((out / "log.json").read_text()); log["batches"].pop()
+    (out / "log.json").write_text(json.dumps(log))
+    with pytest.raises(ValueError, match="edited by hand"):
+        _lifelong(m, t, st, out)
+
+
+def test_a_sequential_sweep_does_not_reuse_a_batch_evaluated_for_another_plan(setup, tmp_path):
+    "With sequential_eval='batch' the last batch is scored on every edit so far: a longer plan cannot reuse it."
+    m, t, st = setup
+    kw = dict(sequential=True, sequential_eval="batch")
+    ref = _sweep(m, t, st, tmp_path / "ref", records(8), **kw)
+    _sweep(m, t, st, tmp_path / "mb", records(8), max_batches=2, **kw)
+    with pytest.raises(FileNotFoundError, match="overwrite=True"):
+        _sweep(m, t, st, tmp_path / "mb", records(8), **kw)
+    _sweep(m, t, st, tmp_path / "mb", records(8), overwrite=True, **kw)
+    for b in range(4):
+        f = lambda d: json.loads((tmp_path / d / "emmet-single-B2-seq" / f"batch_{b:05d}.json").read_text())
+        assert f("mb")["evaluated_after_edits"] == f("ref")["evaluated_after_edits"] == (8 if b == 3 else 2)
+    assert ref.complete
+
+
+def test_fetch_refuses_a_damaged_record_an_html_page_and_odd_names(tmp_path):
+    import http.server, threading
+    from unifiededit.datafiles import CorruptFile, fetch
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>please log in</html>" if self.path.endswith("page.json") else b"[1, 2, 3]"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html" if self.path.endswith("page.json") else "application/json")
+            self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        p = fetch("a.json", tmp_path, base_url=url)
+        rec = tmp_path / "a.json.sha256.json"
+        rec.write_text(rec.read_text()[:20])
+        with pytest.raises(CorruptFile, match="the checksum record of a.json, is damaged"):
+            fetch("a.json", tmp_path, base_url=url)
+        with pytest.raises(ConnectionError, match="HTML page"):
+            fetch("page.json", tmp_path, base_url=url)
+        assert not (tmp_path / "page.json").exists()
+        for bad in ("..", ".hidden", "a.json.sha256.json", "a.json?x=1", "a b.json", "a#b"):
+            with pytest.raises(ValueError, match="plain file name"):
+                fetch(bad, tmp_path, base_url=url)
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(ValueError, match="is not a folder"):
+            fetch("a.json", tmp_path / "f", base_url=url)
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            fetch("b.json", tmp_path, base_url=url, timeout=-1)
+        assert p.read_text() == "[1, 2, 3]"
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
+def test_sample_references_are_of_the_right_kind(tmp_path, monkeypatch):
+    from unifiededit.corpus import as_corpus
+    from unifiededit.datafiles import data_path, sample_path
+    with pytest.raises(ValueError, match="'sample:zsre-1k' holds records, not text: use sample:wikitext-2-test"):
+        as_corpus("sample:zsre-1k")
+    with pytest.raises(ValueError, match="holds text, not records"):
+        load_dataset("sample:wikitext-2-test")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample:zsre-1k").write_text("[]")
+    with pytest.warns(UserWarning, match="names the bundled sample, not the file of that name"):
+        assert data_path("sample:zsre-1k") == sample_path("zsre-1k")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sweep", "--out", ""], "expected a folder, got an empty string"),
+    (["sweep", "--out", "FILE"], "is a file, not a folder"),
+    (["sweep", "--out", "FILE/sub"], "is a file, not a folder"),
+    (["sweep", "--cache-dir", "FILE"], "is a file, not a folder"),
+    (["sweep", "--plot", "DIR"], "is a folder, not a file"),
+    (["sweep", "--seed", "-1"], "expected an integer >= 0"),
+    (["sweep", "--corpus", "BINARY"], "is not UTF-8 text"),
+    (["sweep", "--corpus", "sample:zsre-1k"], "holds records, not text"),
+    (["sweep", "--batch-sizes", "99", "--n-records", "4"], "every batch size exceeds the 4 records"),
+    (["lifelong", "--ppl-text", "EMPTY"], "is empty"),
+    (["lifelong", "--out", ""], "expected a folder"),
+    (["lifelong", "--batch-size", "8", "--n-records", "4"], "--batch-size 8 is larger than the 4 records"),
+    (["edit", "--save", "DIR"], "is a folder, not a file"),
+    (["edit", "--save", "FILE/x.safetensors"], "is a file, not a folder"),
+    (["edit", "--hparams", "sample:zsre-1k"], "no file at 'sample:zsre-1k'"),
+    (["edit", "--hparams", "NOTJSON"], "is not a valid JSON file"),
+])
+def test_cli_refuses_unusable_paths_and_numbers_before_loading(argv, needle, monkeypatch, tmp_path):
+    import unifiededit.pretrained as pre
+    (tmp_path / "FILE").write_text("x"); (tmp_path / "DIR").mkdir()
+    (tmp_path / "BINARY").write_bytes(b"\xff\xfe\x00\x01" * 10); (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "NOTJSON.json").write_text("not json")
+    names = {"FILE", "DIR", "BINARY", "EMPTY"}
+    argv = [str(tmp_path / a) if a in names else str(tmp_path / "NOTJSON.json") if a == "NOTJSON" else
+            str(tmp_path / "FILE" / a.split("/", 1)[1]) if a.startswith("FILE/") else a for a in argv]
+    monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: pytest.fail(f"loaded a model for {argv}"))
+    base = {"sweep": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o")],
+            "lifelong": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o"), "--corpus",
+                         "sample:wikitext-2-test"],
+            "edit": ["--model", "m", "--prompt", "{} is in", "--subject", "X", "--target", "Y"]}[argv[0]]
+    given = {a for a in argv[1:] if a.startswith("--")}
+    kept, i = [], 0
+    while i < len(base):
+        if base[i] in given: i += 2; continue
+        kept.append(base[i]); i += 1
+    assert needle in _refused([argv[0], *kept, *argv[1:]])
+    assert not (tmp_path / "o").exists()

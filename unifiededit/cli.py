@@ -115,6 +115,8 @@ def run_sweep_command(args, out=print):
     b1 = None if str(args.emmet_lambda_b1).lower() == "same" else float(args.emmet_lambda_b1)
     ds = load_dataset(args.data)
     records = ds.sample(min(args.n_records or len(ds), len(ds)), seed=args.seed)
+    if min(_int_list(args.batch_sizes, "--batch-sizes")) > len(records):
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: every batch size exceeds the {len(records)} records")
     model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))
     out(f"{args.model} on {next(model.parameters()).device}; {len(records)} records from {args.data}")
     layers = default_layer_modes(model)
@@ -155,6 +157,10 @@ def run_lifelong_command(args, out=print) -> dict:
     if args.fluency < 0: raise ValueError(f"--fluency must be >= 0 (0: skip), got {args.fluency}")
     ds = load_dataset(args.data)
     records = ds.sample(min(args.n_records, len(ds)), seed=args.seed)
+    if any(not m.startswith("rome") for m in _names(args.methods)) and args.batch_size > len(records):
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(records)} records")
+    if any(m.startswith("rome") for m in _names(args.methods)) and args.rome_records > len(records):
+        raise ValueError(f"--rome-records {args.rome_records} is larger than the {len(records)} records")
     model, tok = load_pretrained(args.model, device=args.device, cache_dir=_cache(args.cache_dir, "models"))
     ppl = text_head(args.ppl_text, tok, args.ppl_tokens) if args.ppl_text else []
     runs = {}
@@ -255,6 +261,44 @@ def _lambda_b1(s: str) -> str:
     if str(s).lower() != "same": _real_at_least(0)(s)
     return s
 
+
+def _plain_file(s: str) -> str:
+    "An argparse type: an existing file (not a sample)."
+    if not Path(s).expanduser().is_file(): raise argparse.ArgumentTypeError(f"no file at {s!r}")
+    return s
+
+
+def _text_file(s: str) -> str:
+    "An argparse type: an existing, non-empty UTF-8 text file (its first MiB is read), or a bundled text sample."
+    import codecs
+    from unifiededit.datafiles import data_path
+    try: p = data_path(s, kind="text")
+    except (ValueError, OSError) as e: raise argparse.ArgumentTypeError(str(e)) from None
+    if not p.is_file(): raise argparse.ArgumentTypeError(f"no file at {s!r}")
+    with open(p, "rb") as f: head = f.read(1 << 20)
+    if not head.strip(): raise argparse.ArgumentTypeError(f"{s!r} is empty")
+    try: codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e: raise argparse.ArgumentTypeError(f"{s!r} is not UTF-8 text ({e})") from None
+    return s
+
+
+def _folder(s: str) -> str:
+    "An argparse type: a folder to write to (it may not exist yet; it must not be a file, nor the empty string)."
+    if not str(s).strip(): raise argparse.ArgumentTypeError("expected a folder, got an empty string")
+    p = Path(s).expanduser()
+    blocking = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+    if blocking is not None: raise argparse.ArgumentTypeError(f"{s!r}: {str(blocking)!r} is a file, not a folder")
+    return s
+
+
+def _new_file(s: str) -> str:
+    "An argparse type: a file to write (not a folder; its folder may not exist yet, but nothing above it is a file)."
+    if not str(s).strip(): raise argparse.ArgumentTypeError("expected a file name, got an empty string")
+    p = Path(s).expanduser()
+    if p.is_dir(): raise argparse.ArgumentTypeError(f"{s!r} is a folder, not a file")
+    _folder(str(p.parent))
+    return s
+
 # %% ../nbs/28_cli.ipynb #7ea38239
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Shows an option's default, except where it has none (None, False) or its help already says it."
@@ -274,10 +318,10 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
                    "continuations before and after (the edited prompt, paraphrases, unrelated facts), then revert.")
     d.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     d.add_argument("--method", default="emmet", choices=METHODS, help="editing method")
-    d.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
+    d.add_argument("--corpus", default=None, type=_text_file, help=_CORPUS_HELP)
     d.add_argument("--n-tokens", type=_n_tokens, default=8_192, help=_NTOK_HELP)
-    d.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    d.add_argument("--cache-dir", default=None, type=_folder, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    d.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the context templates and of sampled text")
     return d
 
 # %% ../nbs/28_cli.ipynb #7dff62b1
@@ -294,17 +338,17 @@ def _edit_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True, help="prompt with {} where the subject goes")
     e.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
     e.add_argument("--target", required=True, help="the new object, e.g. Rome")
-    e.add_argument("--hparams", default=None, type=_input_file, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file "
+    e.add_argument("--hparams", default=None, type=_plain_file, help="upstream ROME/MEMIT/EMMET JSON or EasyEdit YAML file "
                    "(default: per-model defaults, HParams.for_model)")
     e.add_argument("--layers", default=None, type=_ints(0), help="comma-separated layers to edit (overrides the hyper-parameters)")
-    e.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
+    e.add_argument("--corpus", default=None, type=_text_file, help=_CORPUS_HELP)
     e.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: the hyper-parameters', 'auto')")
-    e.add_argument("--cache-dir", default=None, help="cache root for converted models and key statistics "
+    e.add_argument("--cache-dir", default=None, type=_folder, help="cache root for converted models and key statistics "
                    "(default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit); statistics are reused by later edits")
     e.add_argument("--generate", nargs="*", default=[], help="extra prompts to continue before and after")
     e.add_argument("--max-new-tokens", type=_int_at_least(1), default=8, help="greedy tokens generated per prompt")
-    e.add_argument("--save", default=None, help="write the edit to this .safetensors file")
-    e.add_argument("--seed", type=int, default=0, help="seed of the context templates and of sampled text")
+    e.add_argument("--save", default=None, type=_new_file, help="write the edit to this .safetensors file")
+    e.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the context templates and of sampled text")
     return e
 
 # %% ../nbs/28_cli.ipynb #fbf019d8
@@ -318,7 +362,7 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
                    "--batch-sizes 1,16,64 --layer-modes single --plot sweep.png")
     s.add_argument("--data", required=True, type=_input_file, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
                    "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
-    s.add_argument("--out", required=True, help="results folder (resumed if it exists)")
+    s.add_argument("--out", required=True, type=_folder, help="results folder (resumed if it exists)")
     s.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     s.add_argument("--n-records", type=_int_at_least(1), default=64, help="records to sample (distinct subjects)")
     s.add_argument("--methods", default="emmet,memit", type=_names_in(("rome", "memit", "emmet")), help="comma-separated: rome, memit, emmet")
@@ -329,7 +373,7 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--sequential", action="store_true", help="accumulate batches instead of restoring the weights")
     s.add_argument("--sequential-eval", default="all", choices=["all", "batch"],
                    help="sequential mode: evaluate every edit so far after each batch, or only the batch's")
-    s.add_argument("--corpus", default=None, type=_input_file, help=_CORPUS_HELP)
+    s.add_argument("--corpus", default=None, type=_text_file, help=_CORPUS_HELP)
     s.add_argument("--n-tokens", type=_n_tokens, default=None, help=_NTOK_HELP + " (default: 'auto')")
     s.add_argument("--mom2-update-weight", type=_real_at_least(0, strict=True), default=None, help="lambda in C = lambda*C0 (default 1, for a mean C0)")
     s.add_argument("--emmet-lambda", type=_real_at_least(0), default=None, help="EMMET's ridge alpha for B > 1 (default 0.1)")
@@ -338,11 +382,11 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=_real_at_least(0), default=None, help="minutes; stops cleanly, rerun to continue")
     s.add_argument("--eval-batch-size", type=_int_at_least(1), default=32, help="prompts per evaluation batch")
     s.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
-    s.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
-    s.add_argument("--plot", default=None, help="save the score plot to this image file (and *_diagnostics next to it)")
+    s.add_argument("--cache-dir", default=None, type=_folder, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    s.add_argument("--plot", default=None, type=_new_file, help="save the score plot to this image file (and *_diagnostics next to it)")
     s.add_argument("--overwrite", action="store_true", help="discard results of different settings in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--seed", type=int, default=0, help="seed of the record sample, templates and sampled text")
+    s.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the record sample, templates and sampled text")
     return s
 
 # %% ../nbs/28_cli.ipynb #79032c05
@@ -356,8 +400,8 @@ def _lifelong_parser(sub) -> argparse.ArgumentParser:
                     "--corpus wiki.test.raw --ppl-text wikitext-2-tokens-valid.txt --methods memit,encore,alphaedit")
     lf.add_argument("--data", required=True, type=_input_file, help="CounterFact / EasyEdit / zsRE JSON file (format detected), or a bundled sample: "
                    "sample:counterfact-500, sample:easyedit-counterfact-val, sample:zsre-1k")
-    lf.add_argument("--out", required=True, help="results folder: one sub-folder per method (resumed if it exists)")
-    lf.add_argument("--corpus", required=True, type=_input_file, help=_CORPUS_HELP.split(". Without")[0])
+    lf.add_argument("--out", required=True, type=_folder, help="results folder: one sub-folder per method (resumed if it exists)")
+    lf.add_argument("--corpus", required=True, type=_text_file, help=_CORPUS_HELP.split(". Without")[0])
     lf.add_argument("--model", default="smollm2-135m-instruct", help="short name, .gguf file, local folder or hub id")
     lf.add_argument("--methods", default="memit,emmet,encore,alphaedit",
                     type=_names_in(METHODS, {"rome": ("emmet", "original", "r-rome", "p-rome")}),
@@ -369,16 +413,16 @@ def _lifelong_parser(sub) -> argparse.ArgumentParser:
     lf.add_argument("--rome-eval-every", type=_int_at_least(1), default=10, help="ROME evaluates every this many edits")
     lf.add_argument("--layers", default=None, type=_ints(0), help="comma-separated layers of the batched methods (default: MEMIT's)")
     lf.add_argument("--n-tokens", type=_n_tokens, default="auto", help=_NTOK_HELP)
-    lf.add_argument("--ppl-text", default=None, type=_input_file, help="held-out text file whose perplexity is tracked")
+    lf.add_argument("--ppl-text", default=None, type=_text_file, help="held-out text file whose perplexity is tracked")
     lf.add_argument("--ppl-tokens", type=_int_at_least(1), default=16_384, help="tokens of --ppl-text used")
     lf.add_argument("--fluency", type=_int_at_least(0), default=0,
                     help="after the runs: generation entropy of the first N records' prompts continued by the unedited "
                          "model and by each run's last weights in --out (fluency.json); 0: skip")
     lf.add_argument("--time-budget", type=_real_at_least(0), default=None, help="minutes; stops cleanly, rerun to continue")
     lf.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA if available)")
-    lf.add_argument("--cache-dir", default=None, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
+    lf.add_argument("--cache-dir", default=None, type=_folder, help="cache root (default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit)")
     lf.add_argument("--quiet", action="store_true", help="no progress bars")
-    lf.add_argument("--seed", type=int, default=0, help="seed of the record sample and the templates")
+    lf.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the record sample and the templates")
     return lf
 
 # %% ../nbs/28_cli.ipynb #4bba239d
@@ -403,7 +447,7 @@ def main(argv=None) -> int:
             run_edit(args)
         elif args.command == "sweep": run_sweep_command(args)
         elif args.command == "lifelong": run_lifelong_command(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:
         print(f"unifiededit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

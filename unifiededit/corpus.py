@@ -66,7 +66,7 @@ def file_corpus(*paths: str | os.PathLike) -> Corpus:
     (lines keep their newline; no EOS between)."""
     if len(paths) == 1 and isinstance(paths[0], (list, tuple)): paths = tuple(paths[0])
     if not paths: raise ValueError("file_corpus needs at least one path")
-    paths = tuple(data_path(p) for p in paths)
+    paths = tuple(data_path(p, kind="text") for p in paths)
     for p in paths:
         if not p.is_file(): raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file")
     h = hashlib.sha256()

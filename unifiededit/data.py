@@ -286,7 +286,7 @@ def load_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], fmt: st
     records = []
     for p in paths:
         try:
-            raw = _read_json(data_path(p))
+            raw = _read_json(data_path(p, kind="records"))
             records += FORMATS[detect_format(raw) if fmt == "auto" else fmt](raw, **parse_kw)
         except ValueError as e: raise ValueError(f"{p}: {e}") from None
     if size is not None: records = records[:size]

@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
+import re
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .store import CorruptFile, atomic_write, cache_root, clean_stale_temps, read_json, write_json_atomic
+from .store import CorruptFile, atomic_write, cache_root, check_real, clean_stale_temps, write_json_atomic
 
 # %% auto #0
 __all__ = ['SAMPLES', 'SAMPLE_PREFIX', 'DATA_ROOT_URL', 'REMOTE_FILES', 'Sample', 'file_sha256', 'verify_file', 'samples_dir',
@@ -28,6 +32,7 @@ class Sample:
     size: int
     sha256: str
     what: str
+    kind: str = "records"      # 'records' (edit records, JSON) or 'text' (a corpus, one document per line)
 
 
 SAMPLES = {s.name: s for s in (
@@ -42,7 +47,7 @@ SAMPLES = {s.name: s for s in (
            "1,000 zsRE edits, MEND's format (train split)"),
     Sample("wikitext-2-test", "wiki.test.raw", 1_290_547,
            "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
-           "WikiText-2 (raw) test split, one paragraph per line"),
+           "WikiText-2 (raw) test split, one paragraph per line", kind="text"),
 )}
 
 # %% ../nbs/05b_datafiles.ipynb #29326c62
@@ -94,13 +99,22 @@ def is_sample_ref(x) -> bool:
     return isinstance(x, str) and x.startswith(SAMPLE_PREFIX)
 
 
-def data_path(x: str | os.PathLike) -> Path:
-    """A path from a path or a `'sample:NAME'` reference (the verified bundled file).
+def data_path(x: str | os.PathLike, kind: str | None = None) -> Path:
+    """A path from a path or a `'sample:NAME'` reference (the verified bundled file); `kind` ('records' or 'text')
+    refuses a sample of the other kind.
 
     >>> data_path("sample:zsre-1k").name, str(data_path("my/file.json"))
     ('zsre_mend_train-1k.json', 'my/file.json')
     """
-    if is_sample_ref(x): return sample_path(x[len(SAMPLE_PREFIX):])
+    if is_sample_ref(x):
+        name = x[len(SAMPLE_PREFIX):]
+        if kind is not None and name in SAMPLES and SAMPLES[name].kind != kind:
+            of = [SAMPLE_PREFIX + n for n, s in SAMPLES.items() if s.kind == kind]
+            raise ValueError(f"{x!r} holds {SAMPLES[name].kind}, not {kind}: use {', '.join(of)}")
+        if Path(x).exists():
+            warnings.warn(f"{x!r} names the bundled sample, not the file of that name in {Path.cwd()}; pass "
+                          f"Path({x!r}) or './{x}' for the file")
+        return sample_path(name)
     return Path(x).expanduser()
 
 # %% ../nbs/05b_datafiles.ipynb #a5949176
@@ -120,12 +134,18 @@ def _record_path(dest: Path) -> Path: return dest.with_name(dest.name + ".sha256
 
 def _check_cached(dest: Path, sha256: str | None) -> Path:
     "A cached download, checked against its record (written now if absent) and against `sha256` when given."
-    rec = read_json(_record_path(dest))
-    if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("size"), int)):
+    rp = _record_path(dest)
+    if rp.exists():
+        try: rec = json.loads(rp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError): rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("size"), int)):
+            raise CorruptFile(f"{rp}, the checksum record of {dest.name}, is damaged: delete both files to download "
+                              "it again")
+    else:                                                   # placed by hand: its hash is recorded now
         rec = {"sha256": file_sha256(dest), "size": dest.stat().st_size, "url": None}
-        write_json_atomic(_record_path(dest), rec)
+        write_json_atomic(rp, rec)
     verify_file(dest, rec["size"], rec["sha256"], f"the downloaded file {dest.name!r}")
-    if sha256 is not None and rec["sha256"] != sha256:
+    if sha256 is not None and rec["sha256"] != sha256.lower():
         raise CorruptFile(f"the cached file {dest} has SHA-256 {rec['sha256']}, but sha256={sha256!r} was asked for: "
                           f"delete it (and {_record_path(dest).name}) to download it again")
     return dest
@@ -136,6 +156,8 @@ def _download(url: str, tmp: Path, timeout: float) -> tuple[str, int]:
     h, n = hashlib.sha256(), 0
     with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
         expected = resp.headers.get("Content-Length")
+        if (resp.headers.get("Content-Type") or "").lower().startswith("text/html"):
+            raise ConnectionError(f"{url} answered with an HTML page (a login, proxy or error page?), not the data file")
         while block := resp.read(1 << 20):
             f.write(block); h.update(block); n += len(block)
     if expected is not None and n != int(expected):
@@ -143,6 +165,9 @@ def _download(url: str, tmp: Path, timeout: float) -> tuple[str, int]:
     return h.hexdigest(), n
 
 # %% ../nbs/05b_datafiles.ipynb #898ba955
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: str = DATA_ROOT_URL,
           timeout: float = 60.0, sha256: str | None = None) -> Path:
     """Path to `name` in `cache_dir`, downloading `{base_url}/{name}` first if it is not there; checked against the
@@ -151,10 +176,19 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: st
     >>> fetch('counterfact.json')   # doctest: +SKIP
     PosixPath('/home/me/.cache/unifiededit/data/counterfact.json')
     """
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        raise ValueError(f"name must be a plain file name, got {name!r}")
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name.endswith(".sha256.json"):
+        raise ValueError(f"name must be a plain file name (letters, digits, '.', '_', '-'; not a checksum record), "
+                         f"got {name!r}")
+    check_real("timeout", timeout, positive=True)
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    sha256 = sha256.lower() if sha256 else None
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try: cache.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"cache_dir {str(cache)!r} is not a folder ({e})") from None
     dest = cache / name
+    if dest.exists() and not dest.is_file(): raise ValueError(f"{dest} is not a file")
     if dest.is_file(): return _check_cached(dest, sha256)
     url = f"{base_url.rstrip('/')}/{name}"
     clean_stale_temps(cache)                                    # partial downloads of killed runs
@@ -165,7 +199,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, base_url: st
             raise CorruptFile(f"{url} has SHA-256 {got['sha256']}, expected {sha256}: not the file asked for")
     try:
         atomic_write(dest, download)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise ConnectionError(
             f"could not download {url} ({e}). If this machine is offline, download that file elsewhere and pass "
             f"its local path instead (e.g. path='.../{name}'), or put it at {dest}.") from e

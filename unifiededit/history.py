@@ -95,7 +95,11 @@ def apply(self: Edit, model=None, *, check_base: bool = True) -> "Edit":
                              f"are {fp}: another model, or one that already carries this or another edit. Apply "
                              "it to the model it was made for (reverted first), or pass check_base=False")
     originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in self.layers}
-    for layer in self.layers: write_delta(adapter, layer, self.deltas[layer])
+    try:
+        for layer in self.layers: write_delta(adapter, layer, self.deltas[layer])
+    except BaseException:                                  # interrupted half-way: put back what was written
+        for name, w in originals.items(): set_parameter_value(model, name, w)
+        raise
     self.model, self._originals = model, originals
     return self._record_written()
 

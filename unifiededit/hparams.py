@@ -172,11 +172,15 @@ def replace(self: HParams, **changes) -> "HParams": return dataclasses.replace(s
 # %% ../nbs/15_hparams.ipynb #18efe992
 def _read_mapping(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:                                  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"{path} is not a valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                         f"file: {e}") from None
     if not isinstance(data, dict): raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(data).__name__}")
     return data
 

@@ -5,6 +5,7 @@
 # %% ../nbs/25_lifelong.ipynb #9d2da31a
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -97,12 +98,17 @@ def _checkpoint(model, tok, records, b: int, B: int, adapter, layers, W0: dict, 
     return row
 
 # %% ../nbs/25_lifelong.ipynb #79f6af4f
-def _check_run(records, hparams: HParams, stats, batch_size, eval_every, eval_batch_size, time_budget) -> tuple[list, int]:
-    "The records and the batch size, every argument of `run_lifelong` checked before anything is written."
+def _check_run(records, hparams: HParams, stats, batch_size, eval_every, eval_batch_size, time_budget,
+               ppl_texts) -> tuple[list, int, list]:
+    "The records, the batch size and the perplexity texts, every argument of `run_lifelong` checked before anything is written."
     records = list(records)
     if not records: raise ValueError("no records to edit")
     if not all(isinstance(r, EditRecord) for r in records):
         raise TypeError("records must be EditRecords (e.g. load_dataset(...).sample(n))")
+    ids = [r.case_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"records have duplicate case_ids (e.g. {next(i for i in ids if ids.count(i) > 1)}): scores are "
+                         "kept per case_id, so each record needs its own")
     if not isinstance(hparams, HParams): raise TypeError(f"hparams must be an HParams, got {type(hparams).__name__}")
     B = check_int("batch_size", batch_size, low=1)
     if B > len(records):
@@ -112,9 +118,12 @@ def _check_run(records, hparams: HParams, stats, batch_size, eval_every, eval_ba
     if time_budget is not None: check_real("time_budget", time_budget, nonnegative=True)
     missing = [l for l in hparams.layers if l not in stats]
     if missing: raise ValueError(f"stats lack the edited layer(s) {missing}")
+    if isinstance(ppl_texts, (str, bytes)): raise TypeError("ppl_texts must be a list of strings, not a single string")
+    ppl_texts = list(ppl_texts)
+    if not all(isinstance(x, str) for x in ppl_texts): raise TypeError("ppl_texts must hold strings")
     if len(records) % B:
         warnings.warn(f"{len(records) % B} of the {len(records)} records do not fill a last batch of {B} and are not edited")
-    return records, B
+    return records, B, ppl_texts
 
 
 def _save_state(path: Path, adapter, layers, history: EditHistory, b: int, fp: str, row: dict):
@@ -138,8 +147,17 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
                  time_budget: float | None = None, log: Callable = print, progress: bool = True) -> LifelongRun:
     """Edit `records` in sequence, `batch_size` at a time, with `hparams` (any method); evaluate every `eval_every`
     batches; resumable (see above). `stats`: key statistics of every edited layer (of the unedited model)."""
-    records, B = _check_run(records, hparams, stats, batch_size, eval_every, eval_batch_size, time_budget)
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True); clean_stale_temps(out_dir)
+    records, B, ppl_texts = _check_run(records, hparams, stats, batch_size, eval_every, eval_batch_size, time_budget,
+                                       ppl_texts)
+    out_dir = Path(out_dir)
+    logp, statep, histp = out_dir / "log.json", out_dir / "state.safetensors", out_dir / "history.safetensors"
+    if logp.exists() or statep.exists():                           # never write over a log that cannot be read
+        try: json.loads(logp.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            what = f"unreadable ({type(e).__name__})" if logp.exists() else "missing"
+            raise ValueError(f"{logp} is {what}" + (f" while {statep.name} holds edited weights" if statep.exists() else "")
+                             + ": restore it, or delete the folder to start over; nothing was written") from None
+    out_dir.mkdir(parents=True, exist_ok=True); clean_stale_temps(out_dir)
     adapter, layers = ModelAdapter.from_model(model), hparams.layers
     n_batches = len(records) // B
     templates = ContextTemplates.coerce(templates if templates is not None else ContextTemplates.generate(
@@ -150,7 +168,6 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
              "eval_every": eval_every, "templates": templates.groups, "ppl": digest(list(ppl_texts)),
              "stats": {str(l): tensors_digest({"C0": getattr(stats[l], "mom2", stats[l])}) for l in layers}}
     fp, content = digest(ident), digest([record_digest(r) for r in records[:n_batches * B]])
-    logp, statep, histp = out_dir / "log.json", out_dir / "state.safetensors", out_dir / "history.safetensors"
     state = read_json(logp) or {"format": LIFELONG_FORMAT, "fingerprint": fp, "identity": ident, "records": content,
                                 "batches": [], "checkpoints": []}
     if state.get("fingerprint") != fp or state.setdefault("records", content) != content:
@@ -182,6 +199,9 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
                 raise ValueError(f"{statep} holds batch {b}, the log of {out_dir} {start} batch(es): not one run")
             for l in layers: adapter.write_weight(l, weights[f"layer.{l}"])
             if b == start:                                         # killed between the state and the log: adopt it
+                if state["checkpoints"] and state["checkpoints"][-1]["batch"] >= b:
+                    raise ValueError(f"{logp} has an evaluation after batch {state['checkpoints'][-1]['batch']} but "
+                                     f"lines for {start} batch(es): it was edited by hand; restore it")
                 log(f"{out_dir.name}: adopting the saved state of batch {b}, which the log had not recorded yet")
                 commit(b, row)
             start = len(state["batches"])
@@ -208,7 +228,7 @@ def run_lifelong(model, tok, records: Sequence, out_dir, *, hparams: HParams, st
 def text_head(path: str | os.PathLike, tok, n_tokens: int | None) -> list[str]:
     """The first lines of the UTF-8 text file `path` (or a bundled sample, `sample:NAME`) that hold at least `n_tokens`
     tokens (None: every line)."""
-    lines = data_path(path).read_text(encoding="utf-8").split("\n")
+    lines = data_path(path, kind="text").read_text(encoding="utf-8").split("\n")
     if not n_tokens: return lines
     keep, n = [], 0
     for line in lines:

@@ -162,15 +162,21 @@ def _pre_evaluation(model, tok, records, out_dir: Path, identity: dict, eval_set
         write_json_atomic(out_dir / "pre.json", pre)
 
 # %% ../nbs/23_sweep.ipynb #0bdc9e16
-def _finished(path: Path, fingerprint: str, recs) -> bool:
-    "Whether `path` holds a valid result of this configuration for exactly these records."
+def _finished(path: Path, fingerprint: str, recs, n_evaluated: int) -> bool:
+    "Whether `path` holds a valid result of this configuration for exactly these records, evaluated on `n_evaluated`."
     f = read_json(path)
     return bool(f) and f.get("format") == BATCH_FORMAT and f.get("fingerprint") == fingerprint \
-        and f.get("case_ids") == [r.case_id for r in recs] \
+        and f.get("case_ids") == [r.case_id for r in recs] and f.get("evaluated_after_edits") == n_evaluated \
         and f.get("records_digest", _batch_digest(recs)) == _batch_digest(recs)     # older files have none
 
 
 def _batch_digest(recs) -> str: return digest([record_digest(r) for r in recs])[:16]
+
+
+def _n_evaluated(p: _Planned, b: int, sequential_eval: str) -> int:
+    "How many records batch b's evaluation covers: its own, or (sequential) every edit so far — always after the last."
+    every = p.cfg.sequential and (sequential_eval == "all" or b == len(p.batches) - 1)
+    return sum(len(r) for r in p.batches[:b + 1]) if every else len(p.batches[b])
 
 
 def _plan(p: _Planned, out_dir: Path, identity: dict, stats_id: dict, eval_settings: dict, sequential_eval: str,
@@ -203,9 +209,21 @@ def _plan(p: _Planned, out_dir: Path, identity: dict, stats_id: dict, eval_setti
     if old is None or len(planned) > len(known):                  # a longer plan extends the folder's
         write_json_atomic(p.folder / "config.json", {"fingerprint": p.fingerprint, "description": desc,
                                                       "batches": planned if len(planned) > len(known) else known})
-    finished = [_finished(p.folder / f"batch_{b:05d}.json", p.fingerprint, recs) for b, recs in enumerate(p.batches)]
+    finished = [_finished(p.folder / f"batch_{b:05d}.json", p.fingerprint, recs, _n_evaluated(p, b, sequential_eval))
+                for b, recs in enumerate(p.batches)]
     if p.cfg.sequential: p.done = set(range(finished.index(False) if False in finished else len(finished)))
     else: p.done = {b for b, ok in enumerate(finished) if ok}
+    if p.cfg.sequential and p.done and len(p.done) < len(p.batches):
+        last = max(p.done)                                    # a sequential run continues from the weights after it
+        if not (out_dir / ".state" / p.cfg.name / f"after_{last:05d}.safetensors").is_file():
+            if not overwrite:
+                raise FileNotFoundError(f"{p.cfg.name}: batches 0..{last} are finished but the weights after batch "
+                                        f"{last} are not kept (a run of another plan, or a deleted file); rerun with "
+                                        "overwrite=True to start this configuration over")
+            shutil.rmtree(p.folder); shutil.rmtree(out_dir / ".state" / p.cfg.name, ignore_errors=True)
+            write_json_atomic(p.folder / "config.json", {"fingerprint": p.fingerprint, "description": desc,
+                                                          "batches": planned})
+            p.done = set()
 
 # %% ../nbs/23_sweep.ipynb #00fc7318
 class _Budget:
@@ -344,9 +362,7 @@ def batch(self: _SweepLoop, p: _Planned, b: int, recs: list) -> dict:
             diag = _edit_diag(es, self.adapter, before, cfg.layers)
             if seq: diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
                 float((self.adapter.read_weight(l).double() - self.snap[l].double()).norm()) ** 2 for l in cfg.layers)))
-            last = b == len(p.batches) - 1
-            ev = ([r for bb in p.batches[:b + 1] for r in bb] if seq and (self.sequential_eval == "all" or last)
-                  else recs)
+            ev = [r for bb in p.batches[:b + 1] for r in bb][-_n_evaluated(p, b, self.sequential_eval):]
             with timer("eval"): run = evaluate(self.model, self.tok, ev, batch_size=self.eval_batch_size)
         finally:
             if not seq:
