@@ -363,6 +363,17 @@ def _refused(argv) -> str:
     return err.getvalue()
 
 
+def _with_base(argv: list, tmp_path) -> list:
+    "`argv` completed with the options its command requires (valid ones), except those `argv` gives itself."
+    base = {"sweep": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o")],
+            "lifelong": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o"), "--corpus",
+                         "sample:wikitext-2-test"],
+            "edit": ["--model", "m", "--prompt", "{} is in", "--subject", "X", "--target", "Y"], "demo": []}[argv[0]]
+    given = {a for a in argv[1:] if a.startswith("--")}
+    pairs = [base[i:i + 2] for i in range(0, len(base), 2)]
+    return [argv[0], *[x for pair in pairs if pair[0] not in given for x in pair], *argv[1:]]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["sweep", "--batch-sizes", "0,4"], "expected integers >= 1, got '0,4'"),
     (["sweep", "--methods", "foo"], "unknown name 'foo'"),
@@ -395,16 +406,7 @@ def _refused(argv) -> str:
 def test_cli_checks_every_option_before_loading_anything(argv, needle, monkeypatch, tmp_path):
     import unifiededit.pretrained as pre
     monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: pytest.fail(f"loaded a model for {argv}"))
-    base = {"sweep": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o")],
-            "lifelong": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o"), "--corpus",
-                         "sample:wikitext-2-test"],
-            "edit": ["--model", "m", "--prompt", "{} is in", "--subject", "X", "--target", "Y"], "demo": []}[argv[0]]
-    given = {a for a in argv[1:] if a.startswith("--")}
-    kept, i = [], 0
-    while i < len(base):                                     # the base options the test does not replace
-        if base[i] in given: i += 2; continue
-        kept.append(base[i]); i += 1
-    assert needle in _refused([argv[0], *kept, *argv[1:]])
+    assert needle in _refused(_with_base(argv, tmp_path))
     assert not (tmp_path / "o").exists()
 
 
@@ -555,14 +557,5 @@ def test_cli_refuses_unusable_paths_and_numbers_before_loading(argv, needle, mon
     argv = [str(tmp_path / a) if a in names else str(tmp_path / "NOTJSON.json") if a == "NOTJSON" else
             str(tmp_path / "FILE" / a.split("/", 1)[1]) if a.startswith("FILE/") else a for a in argv]
     monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: pytest.fail(f"loaded a model for {argv}"))
-    base = {"sweep": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o")],
-            "lifelong": ["--data", "sample:counterfact-500", "--out", str(tmp_path / "o"), "--corpus",
-                         "sample:wikitext-2-test"],
-            "edit": ["--model", "m", "--prompt", "{} is in", "--subject", "X", "--target", "Y"]}[argv[0]]
-    given = {a for a in argv[1:] if a.startswith("--")}
-    kept, i = [], 0
-    while i < len(base):
-        if base[i] in given: i += 2; continue
-        kept.append(base[i]); i += 1
-    assert needle in _refused([argv[0], *kept, *argv[1:]])
+    assert needle in _refused(_with_base(argv, tmp_path))
     assert not (tmp_path / "o").exists()
