@@ -559,3 +559,139 @@ def test_cli_refuses_unusable_paths_and_numbers_before_loading(argv, needle, mon
     monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: pytest.fail(f"loaded a model for {argv}"))
     assert needle in _refused(_with_base(argv, tmp_path))
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the third probe
+def test_a_list_of_file_names_is_not_read_as_text(tmp_path):
+    from unifiededit.corpus import as_corpus
+    f = tmp_path / "corpus.txt"; f.write_text(_TINY_TEXT)
+    with pytest.raises(ValueError, match="corpus item 0 .* names a file"):
+        as_corpus([str(f)])
+    with pytest.raises(TypeError, match="not a mapping"):
+        as_corpus({"a": "b"})
+    assert as_corpus([f]).description.startswith("file corpus.txt")          # Path objects are files
+    assert len(list(as_corpus(["x" * 5000]))) == 1                           # a long text is a text
+
+
+def test_rome_key_switches_must_be_booleans():
+    with pytest.raises((TypeError, ValueError), match="enable_random_prefix_keys must be True or False, got 'false'"):
+        ue.HParams.from_dict({"layers": [1], "enable_prompt_keys": True, "enable_random_prefix_keys": "false"},
+                             method="rome")
+
+
+def test_the_history_follows_reverts_and_refuses_another_model(setup):
+    m, t, st = setup
+    h = ue.EditHistory()
+    kw = dict(method="encore", layers=[0, 1], stats=st, history=h, progress=False, v_num_grad_steps=STEPS)
+    e1 = ue.edit(m, t, [REQ], **kw)
+    g1 = {l: h.gram(l).clone() for l in (0, 1)}
+    e2 = ue.edit(m, t, [{**REQ, "subject": "Michael Jordan", "target_new": {"str": "Apple"}}], **kw)
+    with pytest.raises(RuntimeError, match="revert those first"):
+        e1.revert()
+    e2.revert()
+    assert h.counts == {0: 1, 1: 1} and all(torch.equal(h.gram(l), g1[l]) for l in (0, 1))
+    e1.revert()
+    assert (h.grams, h.counts) == ({}, {})
+    e1.apply()
+    assert h.counts == {0: 1, 1: 1} and all(torch.equal(h.gram(l), g1[l]) for l in (0, 1))
+    e1.revert()
+    big = tiny_model("llama", initializer_range=0.1, intermediate_size=256)
+    wb = weights(big)
+    st_big = collect_key_stats(big, t, [0, 1], [_TINY_TEXT], n_tokens=500, max_length=64, progress=False)
+    h.add(0, torch.ones(128, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="history holds keys of another size at layer\\(s\\) \\[0\\]"):
+        ue.edit(big, t, [REQ], method="encore", layers=[0, 1], stats=st_big, history=h, progress=False)
+    assert same(big, wb)
+
+
+def test_alphaedit_thresholds_that_preserve_nothing(setup):
+    m, t, st = setup
+    with pytest.raises(ValueError, match="nullspace_relative=2.0 must be < 1"):
+        ue.HParams(method="alphaedit", layers=[0, 1], nullspace_relative=2.0)
+    from unifiededit.general import nullspace
+    with pytest.warns(UserWarning, match="the projector is the identity"):
+        nullspace(st[0].mom2, 1e9)
+
+
+def test_hparams_files_and_fields(tmp_path):
+    y = tmp_path / "x.yaml"
+    y.write_text("alg_name: MEMIT\nlayers: [1]\nv_lr: 5e-1\nclamp_norm_factor: 1e+1\nmom2_update_weight: 15000\n")
+    hp = ue.HParams.from_file(y)
+    assert (hp.v_lr, hp.clamp_norm_factor, hp.mom2_update_weight) == (0.5, 10.0, 15000)
+    (tmp_path / "b.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="b.json is not UTF-8 text"):
+        ue.HParams.from_file(tmp_path / "b.json", method="memit")
+    for kw, needle in ((dict(seed=2 ** 70), "seed must be < 2\\*\\*63"), (dict(rewrite_module_tmp=5), "rewrite_module_tmp must be a str"),
+                       (dict(mom2_dataset=5), "mom2_dataset must be a str"), (dict(meta="x"), "meta must be a dict")):
+        with pytest.raises((ValueError, TypeError), match=needle):
+            ue.HParams(method="memit", layers=[1], **kw)
+
+
+def test_collect_key_stats_names_bad_layers_and_corpora(setup, tmp_path):
+    m, t, _ = setup
+    for layers, needle in ((None, "layers must be an int or a list"), ("1", "layers must be an int or a list"),
+                           ([1.0], "layers must hold ints, got 1.0")):
+        with pytest.raises(TypeError, match=needle):
+            collect_key_stats(m, t, layers, [_TINY_TEXT], n_tokens=100, progress=False)
+    with pytest.raises(ValueError, match="is a folder"):
+        collect_key_stats(m, t, [1], tmp_path, n_tokens=100, progress=False)
+
+
+def test_a_malformed_value_cache_entry_is_recomputed(setup, tmp_path):
+    import glob
+    from unifiededit.store import load_tensors, save_tensors
+    from unifiededit.value_cache import cached_target_values
+    m, t, _ = setup
+    hp = ue.HParams.for_model(m, "emmet", layers=[1], v_num_grad_steps=2)
+    tpl = hp.key_config.templates(m, t)
+    get = lambda: cached_target_values(m, t, [REQ], 1, tpl, hp.value_config, hook="rewrite", cache=tmp_path / "vc")
+    first = get()
+    (path,) = glob.glob(str(tmp_path / "vc" / "**" / "*.safetensors"), recursive=True)
+    T, M = load_tensors(path)
+    for bad in ({k: v for k, v in T.items() if k != "h"}, {**T, "delta": T["delta"][:5]}):
+        save_tensors(path, bad, M)
+        with pytest.warns(UserWarning, match="unusable entry"):
+            again = get()
+        assert torch.equal(again.delta, first.delta)
+
+
+def test_saved_files_of_the_wrong_shape_are_refused(tmp_path):
+    from unifiededit.store import load_tensors, save_tensors
+    h = ue.EditHistory(); h.add(1, torch.ones(4, 2, dtype=torch.float64))
+    T, M = h.to_tensors()
+    for tensors, meta, needle in ((T, {**M, "counts": {"1": 2, "3": 1}}, "do not match its Gram matrices"),
+                                  ({**T, "gram.x": T["gram.1"].clone()}, M, "not a well-formed EditHistory"),
+                                  ({"gram.1": T["gram.1"].float()}, M, "square float64")):
+        save_tensors(tmp_path / "h.safetensors", tensors, meta)
+        with pytest.raises(ValueError, match=needle):
+            ue.EditHistory.load(tmp_path / "h.safetensors")
+    e = Edit("emmet", {1: torch.zeros(2, 3)}, {1: "m.layers.1.mlp.down_proj"})
+    T, M = load_tensors(e.save(tmp_path / "e.safetensors"))
+    save_tensors(tmp_path / "e.safetensors", {**T, "extra": torch.zeros(1)}, M)
+    with pytest.raises(ValueError, match="holds tensors \\['extra'\\] besides its deltas"):
+        Edit.load(tmp_path / "e.safetensors")
+    with pytest.raises(TypeError, match="case_id must be an int, a str or None"):
+        ue.EditRequest("{} is", "X", "Y", case_id=object())
+
+
+def test_cli_does_not_overwrite_a_saved_edit_and_reports_type_errors(tmp_path):
+    (tmp_path / "e.safetensors").write_text("an earlier edit")
+    assert "exists: choose another name" in _refused(_with_base(["edit", "--save", str(tmp_path / "e.safetensors")], tmp_path))
+    y = tmp_path / "h.yaml"; y.write_text("alg_name: MEMIT\nlayers: [1]\nv_lr: fast\n")
+    import unifiededit.pretrained as pre
+    m, t = tiny_model("llama", initializer_range=0.1), tiny_tokenizer("sentencepiece")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pre, "load_pretrained", lambda *a, **k: (m, t))
+        assert "v_lr must be a number" in _refused(_with_base(["edit", "--hparams", str(y)], tmp_path))
+
+
+def test_cli_lifelong_interrupted_says_how_to_go_on(tmp_path, monkeypatch):
+    import unifiededit.pretrained as pre
+    m, t = tiny_model("llama", initializer_range=0.1), tiny_tokenizer("sentencepiece")
+    monkeypatch.setattr(pre, "load_pretrained", lambda *a, **k: (m, t))
+    monkeypatch.setattr(ll, "run_lifelong", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main(_with_base(["lifelong", "--methods", "memit", "--n-records", "4", "--batch-size", "2", "--n-tokens", "500"],
+                        tmp_path))
+    assert e.value.code == 130 and "run the same command again to continue" in out.getvalue()

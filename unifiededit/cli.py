@@ -175,10 +175,15 @@ def run_lifelong_command(args, out=print) -> dict:
         recs = records[:args.rome_records] if rome else records
         name = spec.replace(":", "-")
         out(f"== {name}: {len(recs)} edits, batches of {1 if rome else args.batch_size}, layers {hp.layers}")
-        runs[name] = run_lifelong(model, tok, recs, Path(args.out) / name, hparams=hp, stats=stats,
-                                  batch_size=1 if rome else args.batch_size,
-                                  eval_every=args.rome_eval_every if rome else args.eval_every, ppl_texts=ppl,
-                                  time_budget=None if args.time_budget is None else 60 * args.time_budget, log=out)
+        try:
+            runs[name] = run_lifelong(model, tok, recs, Path(args.out) / name, hparams=hp, stats=stats,
+                                      batch_size=1 if rome else args.batch_size,
+                                      eval_every=args.rome_eval_every if rome else args.eval_every, ppl_texts=ppl,
+                                      time_budget=None if args.time_budget is None else 60 * args.time_budget, log=out)
+        except KeyboardInterrupt:
+            out(f"interrupted: the finished batches are saved in {Path(args.out) / name}; run the same command again "
+                "to continue")
+            raise SystemExit(130) from None
     if args.fluency:                                                # every run in --out, and the unedited model
         lifelong_fluency(model, tok, args.out, fluency_prompts(records, args.fluency), seed=args.seed, log=out)
     return runs
@@ -299,6 +304,13 @@ def _new_file(s: str) -> str:
     _folder(str(p.parent))
     return s
 
+
+def _new_edit_file(s: str) -> str:
+    "An argparse type: where `--save` writes an edit; an existing file is not overwritten (it may be hours of work)."
+    _new_file(s)
+    if Path(s).expanduser().exists(): raise argparse.ArgumentTypeError(f"{s!r} exists: choose another name or remove it")
+    return s
+
 # %% ../nbs/28_cli.ipynb #7ea38239
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Shows an option's default, except where it has none (None, False) or its help already says it."
@@ -347,7 +359,7 @@ def _edit_parser(sub) -> argparse.ArgumentParser:
                    "(default: $UNIFIEDEDIT_CACHE or ~/.cache/unifiededit); statistics are reused by later edits")
     e.add_argument("--generate", nargs="*", default=[], help="extra prompts to continue before and after")
     e.add_argument("--max-new-tokens", type=_int_at_least(1), default=8, help="greedy tokens generated per prompt")
-    e.add_argument("--save", default=None, type=_new_file, help="write the edit to this .safetensors file")
+    e.add_argument("--save", default=None, type=_new_edit_file, help="write the edit to this .safetensors file")
     e.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the context templates and of sampled text")
     return e
 
@@ -447,7 +459,7 @@ def main(argv=None) -> int:
             run_edit(args)
         elif args.command == "sweep": run_sweep_command(args)
         elif args.command == "lifelong": run_lifelong_command(args)
-    except (ValueError, OSError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         print(f"unifiededit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

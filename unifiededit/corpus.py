@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -68,7 +68,8 @@ def file_corpus(*paths: str | os.PathLike) -> Corpus:
     if not paths: raise ValueError("file_corpus needs at least one path")
     paths = tuple(data_path(p, kind="text") for p in paths)
     for p in paths:
-        if not p.is_file(): raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file")
+        if p.is_dir(): raise ValueError(f"corpus file {str(p)!r} is a folder: pass the text files in it")
+        if not p.is_file(): raise FileNotFoundError(f"corpus file {str(p)!r} does not exist")
     h = hashlib.sha256()
     for p in paths:
         with open(p, "rb") as f:
@@ -101,13 +102,19 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train", field:
                   f"Hugging Face dataset {name}" + (f"/{config}" if config else "") + f" [{split}]", eos_between)
 
 
+def _names_file(x: str) -> bool:
+    "Whether the string `x` is the path of an existing file (a text that is no valid path is not)."
+    try: return "\n" not in x and Path(x).is_file()
+    except (OSError, ValueError): return False
+
+
 def as_corpus(source) -> Corpus:
     """A `Corpus` from a Corpus, a path (str or PathLike) of an existing file, an iterable of strings, or a
     Hugging Face dataset name (a str that is not an existing file)."""
     if isinstance(source, Corpus): return source
     if isinstance(source, os.PathLike): return file_corpus(source)
     if isinstance(source, str):
-        if is_sample_ref(source) or Path(source).is_file(): return file_corpus(source)
+        if is_sample_ref(source) or _names_file(source): return file_corpus(source)
         looks_like_path = (source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
                            or Path(source).suffix in (".txt", ".raw", ".text", ".md", ".json", ".jsonl"))
         if looks_like_path: raise FileNotFoundError(f"corpus file {source!r} does not exist")
@@ -116,9 +123,13 @@ def as_corpus(source) -> Corpus:
             raise ImportError(f"{source!r} is not an existing file, and reading it as a Hugging Face dataset name "
                               "needs the `datasets` package (pip install datasets)") from e
     if isinstance(source, bytes): raise TypeError("corpus: pass text (str), not bytes")
+    if isinstance(source, Mapping): raise TypeError("corpus: pass a list of strings, a file path or a Corpus, not a mapping")
     if isinstance(source, Iterable):
         items = list(source)
         if items and all(isinstance(p, os.PathLike) for p in items): return file_corpus(*items)
+        paths = [j for j, x in enumerate(items) if isinstance(x, str) and (is_sample_ref(x) or _names_file(x))]
+        if paths: raise ValueError(f"corpus item {paths[0]} ({items[paths[0]]!r}) names a file, but a list of strings is "
+                                   "read as the texts themselves: pass file_corpus(...) or Path objects for files")
         return text_corpus(items)
     raise TypeError(f"cannot make a corpus from a {type(source).__name__}: pass a list of strings, a file path, "
                     "a Hugging Face dataset name or a Corpus")

@@ -219,13 +219,15 @@ def _edit_layers(model, tok, reqs: list[EditRequest], hp: HParams, adapter: Mode
 
 
 def _record(history: EditHistory, model, tok, reqs, hp: HParams, adapter: ModelAdapter, templates, keys: dict,
-            scratch: EditHistory):
+            scratch: EditHistory) -> tuple[dict, dict]:
     """Add a successful edit's keys to `history` (those it solved with; AlphaEdit's recomputed on the edited model) and
-    the null spaces it built."""
+    the null spaces it built; (the keys recorded, how to take them out again)."""
     if hp.method == "alphaedit":
         keys = {l: compute_keys(model, tok, reqs, l, templates, adapter=adapter, mode=hp.key_mode) for l in hp.layers}
-    for l, K in keys.items(): history.add(l, K)
+    keys = {l: K.detach().to("cpu", torch.float64) for l, K in keys.items()}
+    undo = history.record(keys)
     history.adopt_nullspaces(scratch)
+    return keys, undo
 
 # %% ../nbs/17_editing.ipynb #e166efae
 def _resolve(model, method: str | None, hparams: HParams | None, overrides: dict) -> tuple[HParams, ModelAdapter]:
@@ -266,6 +268,9 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
         raise TypeError(f"history must be an EditHistory (or None), got {type(history).__name__}")
     with timer("total"):
         hp, adapter = _resolve(model, method, hparams, overrides)
+        bad = [l for l in hp.layers if history is not None and history.gram(l) is not None
+               and history.gram(l).shape[0] != adapter.d_in(l)]
+        if bad: raise ValueError(f"history holds keys of another size at layer(s) {bad}: it belongs to another model")
         reqs = _check_requests(requests, tok, hp.method, hp.emmet_lambda)
         hook = value_hook(hp)
         with eval_mode(model):                                 # no dropout anywhere; the caller's mode comes back
@@ -280,7 +285,8 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             try:
                 deltas, diag, keys, scratch = _edit_layers(model, tok, reqs, hp, adapter, templates, C0, tv, hook,
                                                            history, timer)
-                if history is not None: _record(history, model, tok, reqs, hp, adapter, templates, keys, scratch)
+                recorded, undo = (_record(history, model, tok, reqs, hp, adapter, templates, keys, scratch)
+                                  if history is not None else (None, None))
             except BaseException:
                 for name, w in originals.items(): set_parameter_value(model, name, w)
                 raise
@@ -290,5 +296,6 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             "values_precomputed": values is not None}
     return Edit(method=hp.method, deltas=deltas, module_names={l: adapter.name("rewrite", l) for l in hp.layers},
                 requests=[r.to_dict() for r in reqs], hparams={**hp.to_dict(), **adapter_names(adapter)},
-                diagnostics=diag, base_fingerprint=base, model=model, values=tv, _originals=originals)._record_written()
+                diagnostics=diag, base_fingerprint=base, model=model, values=tv, _originals=originals, history=history,
+                _history_keys=recorded, _history_undo=undo)._record_written()
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,9 @@ def nullspace(C0: Tensor, threshold: float | None = None, *, relative: float | N
     tau = float(threshold) if threshold is not None else float(relative) * float(ev[-1])
     if not (math.isfinite(tau) and tau > 0): raise ValueError(f"the null-space threshold must be > 0, got {tau}")
     keep = ev < tau
+    if keep.all():
+        warnings.warn(f"every eigenvalue of C0 is below the null-space threshold {tau:.3g} (largest {float(ev[-1]):.3g}): "
+                      "the projector is the identity and AlphaEdit preserves nothing")
     if not keep.any():
         raise ValueError(f"no eigenvalue of C0 is below the threshold {tau:.3g} (smallest {float(ev[0]):.3g}): the "
                          "null space is empty and AlphaEdit cannot edit; raise the threshold")

@@ -5,6 +5,7 @@
 # %% ../nbs/16_history.ipynb #49f9aa68
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from fastcore.basics import patch
 
 from .models import ModelAdapter, parameter_value, set_parameter_value
 from .general import NullSpace, nullspace
-from .hparams import HParams
+from .hparams import METHODS, HParams
 from .store import load_tensors, model_fingerprint, save_tensors, tensors_digest
 
 # %% auto #0
@@ -47,6 +48,9 @@ class Edit:
     values: Any = field(default=None, repr=False)   # the TargetValues of chapter 12 (not saved)
     _originals: dict | None = field(default=None, repr=False)   # parameter name -> its values before `apply`
     _written: dict | None = field(default=None, repr=False)     # parameter name -> digest of what `apply` wrote
+    history: Any = field(default=None, repr=False)  # the EditHistory this edit's keys were recorded in, if any
+    _history_keys: dict | None = field(default=None, repr=False)   # layer -> the keys K it recorded there
+    _history_undo: dict | None = field(default=None, repr=False)   # how to take them out again (see `revert`)
 
     @property
     def layers(self) -> list[int]: return sorted(self.deltas)
@@ -101,6 +105,8 @@ def apply(self: Edit, model=None, *, check_base: bool = True) -> "Edit":
         for name, w in originals.items(): set_parameter_value(model, name, w)
         raise
     self.model, self._originals = model, originals
+    if self.history is not None and self._history_keys:          # re-applied: its keys enter the history again
+        self._history_undo = self.history.record(self._history_keys)
     return self._record_written()
 
 
@@ -123,6 +129,9 @@ def revert(self: Edit) -> "Edit":
     applied after it (revert that first: last applied, first reverted), or a change by hand — since restoring would
     silently undo that change too."""
     if not self.applied: raise RuntimeError("this edit is not applied; nothing to revert")
+    if self._history_undo is not None and not self.history.unrecord_possible(self._history_undo):
+        raise RuntimeError("the EditHistory recorded later edits after this one: revert those first (last applied, "
+                           "first reverted); nothing was written")
     if self._written is not None:
         changed = [n for n, d in self._digests().items() if d != self._written[n]]
         if changed:
@@ -130,7 +139,8 @@ def revert(self: Edit) -> "Edit":
                                "after it, or a change by hand): revert the later edits first (last applied, first "
                                "reverted); nothing was written")
     for name, w in self._originals.items(): set_parameter_value(self.model, name, w)
-    self._originals = self._written = None
+    if self._history_undo is not None: self.history.unrecord(self._history_undo)      # its keys leave the history too
+    self._originals = self._written = self._history_undo = None
     return self
 
 # %% ../nbs/16_history.ipynb #f14347e5
@@ -168,6 +178,10 @@ def _load(cls, path) -> Edit:
         raise ValueError(f"{path} is not a unifiededit edit file (format={meta.get('format')!r}, expected {EDIT_FORMAT})")
     missing = [k for k in ("method", "module_names", "requests", "hparams", "diagnostics", "base_fingerprint") if k not in meta]
     if missing: raise ValueError(f"{path}: the edit file lacks the field(s) {missing}")
+    odd = [k for k in tensors if not re.fullmatch(r"delta\.\d+", k)]
+    if odd: raise ValueError(f"{path}: the edit file holds tensors {odd[:3]} besides its deltas")
+    if not isinstance(meta["method"], str) or meta["method"] not in METHODS:
+        raise ValueError(f"{path}: method {meta['method']!r} is not one of {METHODS}")
     deltas = {int(k.split(".")[1]): t for k, t in tensors.items()}
     names = {int(k): v for k, v in meta["module_names"].items()}
     if set(names) != set(deltas):
@@ -213,6 +227,28 @@ class EditHistory:
         self.grams[layer] = K @ K.mT if G is None else G + (K @ K.mT).to(G.device)
         self.counts[layer] = self.count(layer) + K.shape[1]
 
+    def record(self, keys: dict[int, torch.Tensor]) -> dict:
+        """Add one edit's keys (layer -> K (d_in, E)); returns what `unrecord` needs to take them out exactly (the
+        earlier Gram matrices themselves, not a subtraction, which would not be exact in floating point)."""
+        for l, K in keys.items():
+            G = self.grams.get(l)
+            if G is not None and tuple(G.shape) != (K.shape[0], K.shape[0]):
+                raise ValueError(f"this EditHistory holds keys of size {G.shape[0]} at layer {l}, the edit's have size "
+                                 f"{K.shape[0]}: it belongs to another model")
+        before = {l: (self.grams.get(l), self.counts.get(l)) for l in keys}
+        for l, K in keys.items(): self.add(l, K)
+        return {l: (g, n, self.grams[l]) for l, (g, n) in before.items()}
+
+    def unrecord_possible(self, undo: dict) -> bool:
+        "Whether nothing was recorded at these layers since `undo` was made."
+        return all(self.grams.get(l) is after for l, (_, _, after) in undo.items())
+
+    def unrecord(self, undo: dict):
+        "Take out the keys that the `record` call which returned `undo` added."
+        for l, (g, n, _) in undo.items():
+            if g is None: self.grams.pop(l, None); self.counts.pop(l, None)
+            else: self.grams[l], self.counts[l] = g, n
+
     def nullspace(self, layer: int, C0: torch.Tensor, hp: HParams) -> NullSpace:
         """AlphaEdit's projector for `layer`, computed from C0 at first use and kept (upstream: once, from the unedited
         model); asking for it with other null-space settings than it was built with is an error."""
@@ -246,6 +282,19 @@ class EditHistory:
     def from_tensors(cls, tensors: dict, meta: dict, prefix: str = "", source: str = "history") -> "EditHistory":
         if meta.get("format") != HISTORY_FORMAT:
             raise ValueError(f"{source} is not an EditHistory (format={meta.get('format')!r})")
+        mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        odd = [k for k in mine if not re.fullmatch(r"(gram|nullspace|eigenvalues)\.\d+", k)]
+        counts, thresholds = meta.get("counts"), meta.get("thresholds")
+        if odd or not isinstance(counts, dict) or not isinstance(thresholds, dict):
+            raise ValueError(f"{source}: not a well-formed EditHistory (tensors {odd[:3]}, counts, thresholds)")
+        grams = {int(k.split(".")[1]) for k in mine if k.startswith("gram.")}
+        if grams != {int(l) for l in counts} or not all(isinstance(n, int) and n >= 1 for n in counts.values()):
+            raise ValueError(f"{source}: its counts {counts} do not match its Gram matrices (layers {sorted(grams)})")
+        for k, t in mine.items():
+            if k.startswith("gram.") and (t.dtype != torch.float64 or t.ndim != 2 or t.shape[0] != t.shape[1]):
+                raise ValueError(f"{source}: {k} must be a square float64 matrix, got {t.dtype} {tuple(t.shape)}")
+        missing = [l for l in thresholds if f"nullspace.{l}" not in mine or f"eigenvalues.{l}" not in mine]
+        if missing: raise ValueError(f"{source}: the null spaces of layers {missing} lack their tensors")
         h = cls()
         h.grams = {int(k[len(prefix):].split(".")[1]): t for k, t in tensors.items() if k.startswith(prefix + "gram.")}
         h.counts = {int(l): n for l, n in meta["counts"].items()}

@@ -133,6 +133,15 @@ class HParams:
         check_real("L2", self.L2, positive=True)
         check_choice("rome_keys", self.rome_keys, ("emmet", "original", "r-rome", "p-rome"))
         check_bool("add_prev_edits", self.add_prev_edits)
+        check_int("seed", self.seed, low=0)
+        if self.seed >= 2 ** 63: raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        if not isinstance(self.mom2_dataset, str): raise TypeError(f"mom2_dataset must be a str, got {self.mom2_dataset!r}")
+        if not isinstance(self.meta, dict): raise TypeError(f"meta must be a dict, got {type(self.meta).__name__}")
+        for name, v in self.module_overrides().items():
+            if not isinstance(v, str): raise TypeError(f"{name} must be a str (a module name), got {v!r}")
+        if self.nullspace_relative is not None and self.nullspace_relative >= 1:
+            raise ValueError(f"nullspace_relative={self.nullspace_relative!r} must be < 1: at >= 1 every eigenvalue of C0 "
+                             "falls below it, the projector is the identity and nothing is preserved")
         for name in ("nullspace_threshold", "nullspace_relative"):
             if getattr(self, name) is not None: check_real(name, getattr(self, name), positive=True)
         if self.method == "alphaedit" and (self.nullspace_threshold is None) == (self.nullspace_relative is None):
@@ -170,12 +179,23 @@ def to_dict(self: HParams) -> dict: return dataclasses.asdict(self)
 def replace(self: HParams, **changes) -> "HParams": return dataclasses.replace(self, **changes)
 
 # %% ../nbs/15_hparams.ipynb #18efe992
+def _yaml_load(text: str):
+    """YAML with YAML 1.2's floats: PyYAML follows YAML 1.1, where `5e-1` and `1e+1` are strings, not numbers (EasyEdit's
+    files write numbers so)."""
+    import yaml
+    class Loader(yaml.SafeLoader): pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
 def _read_mapping(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
         else:
             data = json.loads(text)
     except Exception as e:                                  # json.JSONDecodeError, yaml.YAMLError
@@ -190,6 +210,7 @@ _ROME_KEY_FLAGS = ("enable_prompt_keys", "enable_random_prefix_keys", "original_
 
 def _rome_keys_from_flags(flags: dict, source: str) -> str:
     "rebuilding-rome's three switches as a `rome_keys` value (its defaults: random-prefix keys, i.e. r-ROME)."
+    for k, v in flags.items(): check_bool(f"{source}: {k}", v)
     prompt, prefix = flags.get("enable_prompt_keys", False), flags.get("enable_random_prefix_keys", True)
     if prompt == prefix:
         raise ValueError(f"{source}: enable_prompt_keys and enable_random_prefix_keys must differ, got {flags}")

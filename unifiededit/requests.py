@@ -42,6 +42,8 @@ class EditRequest:
     case_id: int | str | None = None
 
     def __post_init__(self):
+        if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(self.case_id, (int, str))):
+            raise TypeError(f"EditRequest.case_id must be an int, a str or None, got {self.case_id!r}")
         for f in ("prompt", "subject", "target_new"):
             if not isinstance(getattr(self, f), str):
                 raise TypeError(f"EditRequest.{f} must be a str, got {type(getattr(self, f)).__name__}: {getattr(self, f)!r}")

@@ -117,10 +117,13 @@ def exact_fp32_matmul(enabled: bool = True):
 
 # %% ../nbs/09_stats.ipynb #918c5a1b
 def _layer_list(layers, adapter: ModelAdapter) -> list[int]:
+    if isinstance(layers, (str, bytes, float)) or not isinstance(layers, (int, Sequence, set)):
+        raise TypeError(f"layers must be an int or a list of ints, got {layers!r}")
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers: raise ValueError("layers is empty: give at least one layer index")
     for i in layers:
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < adapter.n_layers:
+        if not isinstance(i, int) or isinstance(i, bool): raise TypeError(f"layers must hold ints, got {i!r}")
+        if not 0 <= i < adapter.n_layers:
             raise ValueError(f"layer {i!r} out of range: the model has layers 0..{adapter.n_layers - 1}")
     return sorted(set(layers))
 

@@ -222,12 +222,14 @@ class TensorCache:
         h = digest(_canonical(key))
         return self.root / (h[:2] if self.shard else "") / f"{prefix}{h[:40]}.safetensors"
 
-    def load(self, key: dict, prefix: str = "", device="cpu") -> tuple[dict, dict] | None:
-        "`(tensors, meta)` stored for `key`, or None (missing; or unusable: then reported and removed)."
+    def load(self, key: dict, prefix: str = "", device="cpu", check=None) -> tuple[dict, dict] | None:
+        """`(tensors, meta)` stored for `key`, or None (missing; or unusable: then reported and removed). `check(tensors)`
+        may name a problem with the entry's content (a string), which makes it unusable too."""
         path = self.path(key, prefix)
         if not path.is_file(): return None
         try:
             tensors, meta = load_tensors(path, device)
+            if check is not None and (problem := check(tensors)): raise CorruptFile(f"{path}: {problem}")
             if meta.get("key") != _canonical(key):
                 stored = meta.get("key") or {}
                 diff = sorted(k for k in set(stored) | set(_canonical(key)) if stored.get(k) != _canonical(key).get(k))

@@ -37,6 +37,16 @@ def _request_ident(r) -> dict:
     return {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new}
 
 
+def _entry_problem(e: dict) -> str | None:
+    "What is wrong with a cache entry's tensors (names, shapes, finiteness), or None."
+    want = {"delta", "h", "loss_history", "n_steps", *_SCALARS}
+    if set(e) != want: return f"holds tensors {sorted(e)}, expected {sorted(want)}"
+    if e["delta"].ndim != 1 or e["delta"].shape != e["h"].shape: return "delta and h are not vectors of one size"
+    if any(e[k].shape != (1,) for k in ("n_steps", *_SCALARS)) or e["loss_history"].ndim != 1: return "malformed scalars"
+    if not (torch.isfinite(e["delta"]).all() and torch.isfinite(e["h"]).all()): return "delta or h is not finite"
+    return None
+
+
 class ValueCache:
     """Target values on disk, one verified file per (model, tokenizer, request, layer, hook, templates, value
     hyper-parameters): chapter 5's `TensorCache`, sharded. A corrupt entry is reported, removed and recomputed.
@@ -66,7 +76,7 @@ class ValueCache:
 
     def load(self, key: dict) -> dict | None:
         "The cached entry (name -> tensor) for `key`, or None (missing, or corrupt: then reported and removed)."
-        hit = self._files.load(key)
+        hit = self._files.load(key, check=_entry_problem)
         return None if hit is None else hit[0]
 
     def save(self, key: dict, tensors: dict) -> Path: return self._files.save(key, tensors)
