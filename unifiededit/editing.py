@@ -252,7 +252,8 @@ def _resolve(model, method: str | None, hparams: HParams | None, overrides: dict
 
 def edit(model, tok, requests, method: str | None = None, hparams: HParams | None = None, *, stats=None,
          corpus=None, cache_dir=None, templates: ContextTemplates | None = None, values: TargetValues | None = None,
-         history: EditHistory | None = None, progress: bool = True, **overrides) -> Edit:
+         history: EditHistory | None = None, base_fingerprint: str | None = None, progress: bool = True,
+         **overrides) -> Edit:
     """Edit `model` in place with ROME, MEMIT, EMMET, ENCORE or AlphaEdit and return the applied `Edit`.
 
     `requests`: CounterFact-style dicts (`{"prompt": "{} plays", "subject": "LeBron James", "target_new": {"str": "football"}}`)
@@ -261,7 +262,9 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
     requests, in this order, at the last edited layer and its hook point (e.g. from a cache); they replace step 2's
     optimization. `history`: an `EditHistory` kept between sequential calls — the keys of earlier edits enter
     ENCORE's and AlphaEdit's objectives (`add_prev_edits`), and this edit's keys are added to it once the edit
-    succeeded. `overrides` replace hyper-parameter fields. On any error the model (and `history`) are left as they were.
+    succeeded. `base_fingerprint`: the model's `model_fingerprint`, if the caller already has it (it costs a pass over
+    the weights; a sweep edits the same unedited model batch after batch). `overrides` replace hyper-parameter fields.
+    On any error the model (and `history`) are left as they were.
     """
     timer = Timer()
     if history is not None and not isinstance(history, EditHistory):
@@ -281,7 +284,7 @@ def edit(model, tok, requests, method: str | None = None, hparams: HParams | Non
             with timer("stats"): C0 = _preservation(model, tok, hp, adapter, stats, corpus, cache_dir, progress)
             with timer("values"): tv = _target_values(model, tok, reqs, hp, adapter, templates, hook, values, progress)
             originals = {adapter.weight_name(l): parameter_value(model, adapter.weight_name(l)).clone() for l in hp.layers}
-            base = model_fingerprint(model)                    # the weights this edit is computed on
+            base = base_fingerprint or model_fingerprint(model)   # the weights this edit is computed on
             try:
                 deltas, diag, keys, scratch = _edit_layers(model, tok, reqs, hp, adapter, templates, C0, tv, hook,
                                                            history, timer)

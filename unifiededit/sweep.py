@@ -25,7 +25,8 @@ from .keys import ContextTemplates
 from .metrics import evaluate
 from .models import ModelAdapter, execution_device
 from .stats import collect_key_stats
-from .store import (check_choice, check_int, check_real, clean_stale_temps, digest, load_tensors, read_json, save_tensors,
+from .store import (check_choice, check_int, check_real, clean_stale_temps, digest, load_tensors,
+                               model_fingerprint, read_json, save_tensors,
                                tensors_digest, tokenizer_fingerprint, write_json_atomic)
 from .value_cache import ValueCache, cached_target_values, model_key
 from .sweep_config import (BATCH_FORMAT, SweepConfig, SweepRun, _num, _slim_records, default_layer_modes,
@@ -276,7 +277,7 @@ def _check_restored(adapter, snap: dict, what: str):
     if bad: raise RuntimeError(f"after {what}, the weights of layer(s) {bad} differ from the unedited model's")
 
 
-def _apply(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates, cache, adapter, hook, key_now):
+def _apply(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates, cache, adapter, hook, key_now, fp_now):
     "Apply one batch's edit(s) (ROME: one request after the other) with cached target values; returns the applied Edits."
     es = []
     try:
@@ -287,7 +288,7 @@ def _apply(model, tok, cfg: SweepConfig, hp: HParams, recs, *, stats, templates,
                                       hook=hook, cache=cache, adapter=adapter, batch_size=hp.v_batch_size,
                                       key_of_model=key)
             es.append(edit(model, tok, [r.request for r in g], hparams=hp, stats=stats, templates=templates,
-                           values=tv, progress=False))
+                           values=tv, base_fingerprint=fp_now if j == 0 else None, progress=False))
     except BaseException:
         for e in reversed(es): e.revert()
         raise
@@ -304,6 +305,7 @@ class _SweepLoop:
     stats: Any
     cache: ValueCache | None
     base_key: str
+    base_fp: str                                 # model_fingerprint of the unedited model
     snap: dict                                   # the unedited weights of every layer the sweep touches
     sequential_eval: str
     eval_batch_size: int
@@ -354,10 +356,11 @@ def batch(self: _SweepLoop, p: _Planned, b: int, recs: list) -> dict:
     cfg, seq, timer = p.cfg, p.cfg.sequential, Timer()
     with timer("total"):
         key_now = None if self.cache is None else self.base_key if not seq or b == 0 else model_key(self.model)
+        fp_now = self.base_fp if not seq or b == 0 else None      # the unedited model, or compute it
         before = _snapshot(self.adapter, cfg.layers) if seq else {l: self.snap[l] for l in cfg.layers}
         with timer("edit"):
             es = _apply(self.model, self.tok, cfg, p.hp, recs, stats=self.stats, templates=p.templates,
-                        cache=self.cache, adapter=self.adapter, hook=value_hook(p.hp), key_now=key_now)
+                        cache=self.cache, adapter=self.adapter, hook=value_hook(p.hp), key_now=key_now, fp_now=fp_now)
         try:
             diag = _edit_diag(es, self.adapter, before, cfg.layers)
             if seq: diag["cumulative_delta_norm"] = _num(math.sqrt(sum(
@@ -427,7 +430,7 @@ def run_sweep(model, tok, records: Sequence[EditRecord], out_dir: str | os.PathL
         bar = tqdm(total=sum(len(r) for p in grid for r in p.batches), unit="edit", disable=not progress,
                    initial=sum(len(r) for p in grid for b, r in enumerate(p.batches) if b in p.done),
                    dynamic_ncols=True, desc="sweep")
-        loop = _SweepLoop(model, tok, adapter, out_dir, stats, value_cache, identity["model"],
+        loop = _SweepLoop(model, tok, adapter, out_dir, stats, value_cache, identity["model"], model_fingerprint(model),
                           _snapshot(adapter, all_layers), sequential_eval, eval_batch_size, budget, bar, on_batch)
         with timer("values"):
             if value_cache is not None and not sequential:
