@@ -215,7 +215,8 @@ class EditDataset(Sequence):
         for j, r in enumerate(self._records):
             if not isinstance(r, EditRecord): raise TypeError(f"item {j} is a {type(r).__name__}, not an EditRecord")
             if r.case_id in seen:
-                raise ValueError(f"{name or 'dataset'}: case_id {r.case_id} appears twice (items {seen[r.case_id]} and {j})")
+                raise ValueError(f"{name or 'dataset'}: duplicate case_ids: case_id {r.case_id} appears twice (items "
+                                 f"{seen[r.case_id]} and {j}); scores are kept per case_id")
             seen[r.case_id] = j
         self._index = seen
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .data import EditRecord, record_digest
+from .data import EditDataset, record_digest
 from .datafiles import data_path
 from .editing import edit
 from .generation import generation_entropy, ngram_entropy, sample_generations, word_tokenize
@@ -101,14 +101,8 @@ def _checkpoint(model, tok, records, b: int, B: int, adapter, layers, W0: dict, 
 def _check_run(records, hparams: HParams, stats, batch_size, eval_every, eval_batch_size, time_budget,
                ppl_texts) -> tuple[list, int, list]:
     "The records, the batch size and the perplexity texts, every argument of `run_lifelong` checked before anything is written."
-    records = list(records)
+    records = list(EditDataset(records, "records"))          # EditRecords with distinct case ids (chapter 18)
     if not records: raise ValueError("no records to edit")
-    if not all(isinstance(r, EditRecord) for r in records):
-        raise TypeError("records must be EditRecords (e.g. load_dataset(...).sample(n))")
-    ids = [r.case_id for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"records have duplicate case_ids (e.g. {next(i for i in ids if ids.count(i) > 1)}): scores are "
-                         "kept per case_id, so each record needs its own")
     if not isinstance(hparams, HParams): raise TypeError(f"hparams must be an HParams, got {type(hparams).__name__}")
     B = check_int("batch_size", batch_size, low=1)
     if B > len(records):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .data import EditRecord, record_digest
+from .data import EditDataset, EditRecord, record_digest
 from .editing import Timer, edit, value_hook
 from .hparams import HParams
 from .keys import ContextTemplates
@@ -80,12 +80,8 @@ def _check_grid_inputs(model, records, methods, layer_modes, layers, sequential_
     if time_budget is not None: check_real("time_budget", time_budget, nonnegative=True)
     check_int("eval_batch_size", eval_batch_size, low=1)
     if isinstance(methods, str) or not list(methods): raise ValueError(f"methods must be a non-empty list, got {methods!r}")
-    records = list(records)
+    records = list(EditDataset(records, "records"))          # EditRecords with distinct case ids (chapter 18)
     if not records: raise ValueError("no records to edit")
-    if not all(isinstance(r, EditRecord) for r in records):
-        raise TypeError("records must be EditRecords (e.g. load_counterfact(...).sample(n))")
-    ids = [r.case_id for r in records]
-    if len(set(ids)) != len(ids): raise ValueError("records have duplicate case_ids")
     check_choice("sequential_eval", sequential_eval, ("all", "batch"))
     methods = [check_choice("method", m.lower(), ("rome", "memit", "emmet")) for m in methods]
     layers = {k: list(v) for k, v in (layers or default_layer_modes(model)).items()}
